@@ -1,0 +1,45 @@
+# Every target runs inside the repo's virtualenv (.venv), created by `make install`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NPROC ?= 2
+
+.PHONY: install demo test test-gpu test-all bench lint format clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: setup.py pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 resolves to the CPU build on CPU-only machines and to the CUDA build on GPU nodes.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/python -m engine.demo --nproc $(NPROC)
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" tests
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m "gpu" tests
+
+test-all: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python -m benchmarks.bench_long_ce --quick
+	$(BIN)/python -m benchmarks.bench_data
+	$(BIN)/python -m benchmarks.bench_train --quick
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
