@@ -1,0 +1,114 @@
+import base64
+
+import pytest
+
+from engine.data import load_tokenizer
+from engine.data.tokenizer import GLM4_SPECIAL_TOKENS
+
+TEXTS = [
+    "Hello, world!",
+    "写一篇关于长城的文章。\n\n  indented\ttab",
+    "<|im_end|> [gMASK] <|user|> stays text",
+    "",
+]
+
+
+@pytest.mark.parametrize("flavour,template", [("debug-qwen2", "chatml"), ("debug-glm4", "glm4")])
+def test_debug_tokenizer_bytes_and_specials(flavour, template):
+    tok = load_tokenizer(flavour)
+    assert tok.template == template
+    assert tok.vocab_size < 300
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8"))  # ids 0..255 are the bytes; specials never parsed
+        assert tok.decode(ids) == text
+    first_special = 256
+    if template == "chatml":
+        assert tok.token_id("<|endoftext|>") == first_special
+        assert tok.token_id("<|im_end|>") in tok.eos_token_ids
+    else:
+        assert [tok.token_id(t) for t in GLM4_SPECIAL_TOKENS] == list(
+            range(256, 256 + len(GLM4_SPECIAL_TOKENS))
+        )
+        assert tok.token_id("<|user|>") in tok.eos_token_ids
+    with pytest.raises(KeyError):
+        tok.token_id("<not-a-token>")
+
+
+@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4"])
+def test_debug_tokenizer_saves_for_transformers(flavour, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(flavour)
+    tok.save_pretrained(str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS[:2]:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+    again = load_tokenizer(str(tmp_path))
+    assert again.template == tok.template
+    assert again.eos_token_ids == tok.eos_token_ids
+    assert again.special_tokens == tok.special_tokens
+    assert again.fingerprint == tok.fingerprint
+
+
+EXTRA_MERGES = (b"He", b"ll", b"llo", "长".encode()[:2], "长".encode())
+
+
+def _write_fake_glm4_model(path):
+    ranks = [bytes([b]) for b in range(256)] + list(EXTRA_MERGES)
+    with open(path, "w") as f:
+        for r, t in enumerate(ranks):
+            f.write(f"{base64.b64encode(t).decode()} {r}\n")
+    return len(ranks)
+
+
+def test_glm4_tiktoken_tokenizer(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    n = _write_fake_glm4_model(path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.template == "glm4"
+    # Special ids follow the ranks, in GLM-4's order (151329.. for the real 151329-rank file).
+    assert tok.token_id("<|endoftext|>") == n
+    assert tok.token_id("[gMASK]") == n + 2 and tok.token_id("<sop>") == n + 4
+    assert tok.token_id("<|user|>") == n + 7 and tok.token_id("<|assistant|>") == n + 8
+    assert tok.vocab_size == n + len(GLM4_SPECIAL_TOKENS)
+    ids = tok.encode("Hello 长城")
+    assert ids[:2] == [256, 258]  # "He", "llo"
+    assert 260 in ids  # "长" through its 2-byte prefix merge
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.token_id("<|user|>") not in tok.encode("<|user|>")
+    assert tok.decode([tok.token_id("<|user|>")]) == "<|user|>"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(tok)).encode("Hello") == tok.encode("Hello")
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(["the quick brown fox jumps over the lazy dog", "长城 很 长", "hello world"] * 50)
+    )
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=36,
+        control_symbols=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        minloglevel=2,
+    )
+    tok = load_tokenizer(str(prefix) + ".model")
+    assert tok.template == "chatml"
+    assert tok.token_id("<|im_end|>") in tok.eos_token_ids
+    ids = tok.encode("hello world")
+    assert tok.decode(ids) == "hello world"
+    assert tok.token_id("<|im_end|>") not in tok.encode("<|im_end|>")
+    assert tok.decode([tok.token_id("<|im_start|>")] + ids) == "<|im_start|>hello world"
+
+
+def test_unknown_tokenizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        load_tokenizer("no-such-flavour")
