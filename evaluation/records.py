@@ -1,0 +1,86 @@
+"""JSONL records of an evaluation run: prompts in, predictions and judgements out, append-only and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from typing import IO
+
+from data_gen.length import count_words
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped with a warning."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not valid JSON (interrupted write?); ignored", path, n)
+    return rows
+
+
+def append_jsonl(f: IO[str], row: dict) -> None:
+    # One write + flush per row: a crash loses at most the row being written, never pairs two halves.
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Benchmark rows ({"prompt", "length", ...}) with "idx" = position in the file, the key of every output."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"no prompts in {path}")
+    for i, row in enumerate(rows):
+        if "prompt" not in row or "length" not in row:
+            raise ValueError(f"{path} row {i}: needs 'prompt' and 'length', got keys {sorted(row)}")
+        if not isinstance(row["length"], int | float) or row["length"] <= 0:
+            raise ValueError(f"{path} row {i}: 'length' must be a positive number, got {row['length']!r}")
+        row.setdefault("idx", i)
+    return rows[:limit] if limit is not None else rows
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def latest_by_idx(rows: Iterable[dict]) -> dict[int, dict]:
+    """Last row per idx (a rerun of an item appends; the newest wins)."""
+    out: dict[int, dict] = {}
+    for row in rows:
+        if "idx" in row:
+            out[row["idx"]] = row
+    return out
+
+
+def script_language(text: str) -> str:
+    """'zh' when CJK ideographs outnumber ASCII words (evalscope's is_chinese rule), else 'en'."""
+    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
+    return "zh" if cjk > count_words(text) - cjk else "en"
+
+
+def assign_languages(items: list[dict], en_file: str | None) -> str:
+    """Set item["lang"]; returns how it was decided.
+
+    LongBench-Write's language is the *output* language, given by membership in longbench_write_en.jsonl (one
+    Chinese prompt there asks for an English essay). Inputs without such a list (LongWrite-Ruler, custom
+    sets) fall back to the script of the prompt.
+    """
+    en_prompts = {r["prompt"] for r in read_jsonl(en_file)} if en_file else set()
+    if en_prompts and any(it["prompt"] in en_prompts for it in items):
+        for it in items:
+            it["lang"] = "en" if it["prompt"] in en_prompts else "zh"
+        return f"membership in {os.path.basename(en_file)}"
+    for it in items:
+        it["lang"] = script_language(it["prompt"])
+    return "script of the prompt"
