@@ -1,0 +1,209 @@
+"""Conversation rows -> normalised messages -> token ids with a trainable mask, per chat template.
+
+Row formats accepted (extra top-level fields become metadata):
+  messages   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (LongWriter, OpenAI)
+  ShareGPT   {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}], "system"?}
+  ms-swift   {"query": str, "response": str, "history": [[q, a], ...]?, "system"?}
+
+Templates (what is trained is marked [T]):
+  chatml  <|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n
+          <|im_start|>assistant\n[T]{a}<|im_end|>[T]\n ...     (default system "You are a helpful assistant.")
+  glm4    [gMASK]<sop><|system|>\n{sys}<|user|>\n{q}<|assistant|>[T]\n{a}[T]<|user|> ...
+          GLM-4 has no end-of-reply token: the next role token ends a reply, so it is trained, and after
+          the last reply "<|user|>" is appended and trained (GLM-4's own fine-tuning trains the "\n" after
+          <|assistant|> as well, since its generation prompt stops at <|assistant|>).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.data.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+class FieldError(ValueError):
+    """A row is malformed; `field` names the offending JSON field (e.g. "messages[2].content")."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field {field!r}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _check_str(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise FieldError(field, f"content must be a string, got {type(value).__name__}")
+    return value
+
+
+def normalize_row(row) -> tuple[list[dict], dict]:
+    """Any accepted row format -> (messages, metadata). Raises FieldError with the field path."""
+    if not isinstance(row, dict):
+        raise FieldError("<row>", f"a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        raw = row["messages"]
+        if not isinstance(raw, list):
+            raise FieldError("messages", "must be a list of {role, content} objects")
+        messages = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise FieldError(f"messages[{i}]", "must be an object with 'role' and 'content'")
+            if "role" not in m:
+                raise FieldError(f"messages[{i}].role", "missing role")
+            if "content" not in m:
+                raise FieldError(f"messages[{i}].content", "missing content")
+            role = m["role"]
+            if role not in ROLES:
+                raise FieldError(f"messages[{i}].role", f"unknown role {role!r} (expected one of {ROLES})")
+            messages.append({"role": role, "content": _check_str(m["content"], f"messages[{i}].content")})
+        meta = {k: v for k, v in row.items() if k != "messages"}
+        prefix = "messages"
+    elif "conversations" in row:
+        raw = row["conversations"]
+        if not isinstance(raw, list):
+            raise FieldError("conversations", "must be a list of {from, value} objects")
+        messages = []
+        if "system" in row and row["system"] is not None:
+            messages.append({"role": "system", "content": _check_str(row["system"], "system")})
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise FieldError(f"conversations[{i}]", "must be an object with 'from' and 'value'")
+            if "from" not in m:
+                raise FieldError(f"conversations[{i}].from", "missing role")
+            if "value" not in m:
+                raise FieldError(f"conversations[{i}].value", "missing content")
+            if m["from"] not in _SHAREGPT_ROLES:
+                raise FieldError(f"conversations[{i}].from", f"unknown role {m['from']!r}")
+            content = _check_str(m["value"], f"conversations[{i}].value")
+            messages.append({"role": _SHAREGPT_ROLES[m["from"]], "content": content})
+        meta = {k: v for k, v in row.items() if k not in ("conversations", "system")}
+        prefix = "conversations"
+    elif "query" in row or "response" in row:
+        messages = []
+        if row.get("system") is not None:
+            messages.append({"role": "system", "content": _check_str(row["system"], "system")})
+        history = row.get("history") or []
+        if not isinstance(history, list):
+            raise FieldError("history", "must be a list of [query, response] pairs")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise FieldError(f"history[{i}]", "must be a [query, response] pair")
+            messages.append({"role": "user", "content": _check_str(pair[0], f"history[{i}][0]")})
+            messages.append({"role": "assistant", "content": _check_str(pair[1], f"history[{i}][1]")})
+        for key, role in (("query", "user"), ("response", "assistant")):
+            if key not in row:
+                raise FieldError(key, "missing")
+            messages.append({"role": role, "content": _check_str(row[key], key)})
+        meta = {k: v for k, v in row.items() if k not in ("query", "response", "history", "system")}
+        prefix = None
+    else:
+        raise FieldError("messages", "row has none of 'messages', 'conversations', 'query'/'response'")
+    _check_structure(messages, prefix)
+    return messages, meta
+
+
+def _check_structure(messages: list[dict], prefix: str | None) -> None:
+    def field(i: int, key: str) -> str:
+        if prefix is None:  # ms-swift rows: name the flat field
+            return "response" if key == "content" else "query"
+        return f"{prefix}[{i}].{'from' if prefix == 'conversations' and key == 'role' else key}"
+
+    if not messages:
+        raise FieldError(prefix or "query", "empty conversation")
+    start = 1 if messages[0]["role"] == "system" else 0
+    if start == len(messages):
+        raise FieldError(field(0, "role"), "conversation has only a system message")
+    for i in range(start, len(messages)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            raise FieldError(
+                field(i, "role"),
+                f"expected role {expected!r} here (system first, then user/assistant turns alternating), "
+                f"got {messages[i]['role']!r}",
+            )
+        if expected == "assistant" and not messages[i]["content"].strip():
+            raise FieldError(field(i, "content"), "empty assistant reply")
+    if messages[-1]["role"] != "assistant":
+        raise FieldError(field(len(messages) - 1, "role"), "conversation must end with an assistant reply")
+
+
+# A rendered conversation is a list of pieces: (text: str | None, special: str | None, trainable: bool).
+def render(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> list[tuple]:
+    pieces: list[tuple] = []
+    if template == "chatml":
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": QWEN_DEFAULT_SYSTEM}, *messages]
+        for m in messages:
+            train = m["role"] == "assistant"
+            pieces += [(None, "<|im_start|>", False), (m["role"] + "\n", None, False)]
+            pieces += [(m["content"], None, train), (None, "<|im_end|>", train), ("\n", None, False)]
+        if add_generation_prompt:
+            pieces += [(None, "<|im_start|>", False), ("assistant\n", None, False)]
+    elif template == "glm4":
+        pieces += [(None, "[gMASK]", False), (None, "<sop>", False)]
+        after_reply = False
+        for m in messages:
+            # The role token that follows a reply is that reply's end: train it.
+            pieces.append((None, f"<|{m['role']}|>", after_reply))
+            train = m["role"] == "assistant"
+            pieces.append(("\n" + m["content"], None, train))
+            after_reply = train
+        if add_generation_prompt:
+            pieces.append((None, "<|assistant|>", after_reply))
+        elif after_reply:
+            pieces.append((None, "<|user|>", True))
+    else:
+        raise ValueError(f"unknown chat template {template!r} (expected 'chatml' or 'glm4')")
+    return pieces
+
+
+def encode_conversations(
+    tokenizer: Tokenizer, conversations: Sequence[Sequence[dict]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Conversations -> [(input_ids int32[T], trainable bool[T])]; text pieces are encoded in one batch."""
+    rendered = [render(tokenizer.template, msgs) for msgs in conversations]
+    texts = [text for pieces in rendered for text, _, _ in pieces if text is not None]
+    encoded = iter(tokenizer.encode_batch(texts))
+    out = []
+    for pieces in rendered:
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, special, train in pieces:
+            toks = next(encoded) if text is not None else [tokenizer.token_id(special)]
+            ids += toks
+            mask += [train] * len(toks)
+        out.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
+    return out
+
+
+def aligned_labels(input_ids: np.ndarray, trainable: np.ndarray) -> np.ndarray:
+    """labels[i] = input_ids[i + 1] where token i + 1 is trainable, else -100 (targets never leave the sample)."""
+    labels = np.full(len(input_ids), -100, dtype=np.int64)
+    nxt = trainable[1:]
+    labels[:-1][nxt] = input_ids[1:][nxt]
+    return labels
+
+
+def encode_generation_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The template up to and including the assistant role header (add_generation_prompt=True)."""
+    msgs = [dict(m) for m in messages]
+    for i, m in enumerate(msgs):
+        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: need a role in {ROLES} and string content, got {m!r}")
+    pieces = render(tokenizer.template, msgs, add_generation_prompt=True)
+    ids: list[int] = []
+    for text, special, _ in pieces:
+        ids += tokenizer.encode(text) if text is not None else [tokenizer.token_id(special)]
+    return ids

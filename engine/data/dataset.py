@@ -1,0 +1,365 @@
+"""jsonl conversations -> validated, tokenized SFT samples with aligned labels.
+
+Mixing follows ms-swift's dataset specs: "path" takes every row, "path#N" takes N rows drawn with a seeded
+generator (N <= rows: a subset without replacement; N > rows: every row N // rows times plus a subset of
+N % rows rows, as ms-swift's sample_dataset does). Sampling happens after validation and after over-long
+rows are deleted, so a "#N" spec yields exactly N samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.data.chat import FieldError, aligned_labels, encode_conversations, normalize_row
+from engine.data.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Bump when the templates or the cached quantities change: cached lengths must match fresh tokenization.
+CACHE_VERSION = 1
+_ENCODE_CHUNK = 256
+_MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class _Source:
+    """The valid rows of one file, tokenized (eager) or only measured (lazy)."""
+
+    path: str
+    lines: list[int]  # 1-based line numbers of the kept rows
+    conversations: list[list[dict]]
+    metadata: list[dict]
+    lengths: np.ndarray  # token length after truncation
+    tokens: list[tuple[np.ndarray, np.ndarray]] | None  # (input_ids, trainable) when eager
+    stats: dict = field(default_factory=dict)
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """'path' -> (path, None); 'path#N' -> (path, N)."""
+    path, sep, count = spec.rpartition("#")
+    if not sep or not count.isdigit():
+        return spec, None
+    n = int(count)
+    if n <= 0:
+        raise ValueError(f"dataset spec {spec!r}: the sample count after '#' must be positive")
+    return path, n
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Problems:
+    """Bad rows: raise (check_dataset_strategy="error") or skip, count and report ("warning")."""
+
+    def __init__(self, strategy: str):
+        if strategy not in ("error", "warning"):
+            raise ValueError(f"check_dataset_strategy must be 'error' or 'warning', got {strategy!r}")
+        self.strategy = strategy
+        self.count = 0
+        self.messages: list[str] = []
+
+    def __call__(self, path: str, line: int, field_name: str, message: str) -> None:
+        text = f"{path}:{line}: field {field_name!r}: {message}"
+        if self.strategy == "error":
+            raise ValueError(text + " (use check_dataset_strategy='warning' to skip such rows)")
+        self.count += 1
+        if len(self.messages) < _MAX_REPORTED_ERRORS:
+            self.messages.append(text)
+        logger.warning("skipping row: %s", text)
+
+
+def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int]:
+    lines, convs, metas = [], [], []
+    n_rows = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n_rows += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems(path, lineno, "<json>", f"malformed JSON: {e}")
+                continue
+            try:
+                msgs, meta = normalize_row(row)
+            except FieldError as e:
+                problems(path, lineno, e.field, e.message)
+                continue
+            lines.append(lineno)
+            convs.append(msgs)
+            metas.append(meta)
+    return lines, convs, metas, n_rows
+
+
+def _measure(tokenizer: Tokenizer, convs: list[list[dict]], keep_tokens: bool):
+    """-> (raw lengths, target counts, tokens or None)."""
+    lengths = np.zeros(len(convs), dtype=np.int64)
+    targets = np.zeros(len(convs), dtype=np.int64)
+    tokens = [] if keep_tokens else None
+    for start in range(0, len(convs), _ENCODE_CHUNK):
+        for j, (ids, mask) in enumerate(
+            encode_conversations(tokenizer, convs[start : start + _ENCODE_CHUNK])
+        ):
+            lengths[start + j] = len(ids)
+            targets[start + j] = int(mask[1:].sum())
+            if tokens is not None:
+                tokens.append((ids, mask))
+    return lengths, targets, tokens
+
+
+def _load_source(
+    path: str,
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    truncation_strategy: str,
+    problems: _Problems,
+    lazy: bool,
+    cache_dir: str | None,
+) -> _Source:
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset file not found: {path}")
+    invalid_before = problems.count
+    lines, convs, metas, n_rows = _read_rows(path, problems)
+    cache_file = None
+    if lazy and cache_dir:
+        key = hashlib.sha256(
+            f"v{CACHE_VERSION}|{_file_hash(path)}|{tokenizer.fingerprint}|{tokenizer.template}".encode()
+        ).hexdigest()[:32]
+        cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
+    cached = None
+    if cache_file and os.path.exists(cache_file):
+        with np.load(cache_file) as z:
+            if len(z["lengths"]) == len(convs):
+                cached = (z["lengths"], z["targets"])
+    if cached is not None:
+        raw_len, targets = cached
+        tokens = None
+    else:
+        raw_len, targets, tokens = _measure(tokenizer, convs, keep_tokens=not lazy)
+        if cache_file:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache_file}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, lengths=raw_len, targets=targets)
+            os.replace(tmp, cache_file)  # atomic: concurrent ranks may write the same file
+
+    keep = np.ones(len(convs), dtype=bool)
+    for i in np.flatnonzero(targets == 0):
+        keep[i] = False
+        problems(path, lines[i], "messages", "no trainable token in this sample")
+    over = keep & (raw_len > max_length)
+    n_over = int(over.sum())
+    lengths = np.minimum(raw_len, max_length)
+    n_no_target_after_trunc = 0
+    if truncation_strategy == "delete":
+        keep &= ~over
+        if n_over:
+            logger.warning("%s: deleted %d samples longer than max_length=%d", path, n_over, max_length)
+    elif truncation_strategy == "truncate":
+        # A truncated sample still needs a target inside its first max_length tokens.
+        for i in np.flatnonzero(over):
+            if tokens is not None:
+                mask = tokens[i][1]
+            else:
+                mask = encode_conversations(tokenizer, [convs[i]])[0][1]
+            if not mask[1:max_length].any():
+                keep[i] = False
+                n_no_target_after_trunc += 1
+        if n_over:
+            logger.warning(
+                "%s: truncated %d samples to max_length=%d (%d dropped: no target left)",
+                path,
+                n_over,
+                max_length,
+                n_no_target_after_trunc,
+            )
+    else:
+        raise ValueError(f"truncation_strategy must be 'delete' or 'truncate', got {truncation_strategy!r}")
+    idx = np.flatnonzero(keep)
+    stats = {
+        "rows": n_rows,
+        "invalid": problems.count - invalid_before,
+        "over_length": n_over,
+        "over_length_deleted": n_over if truncation_strategy == "delete" else n_no_target_after_trunc,
+        "truncated": n_over - n_no_target_after_trunc if truncation_strategy == "truncate" else 0,
+        "kept": len(idx),
+    }
+    return _Source(
+        path=path,
+        lines=[lines[i] for i in idx],
+        conversations=[convs[i] for i in idx],
+        metadata=[metas[i] for i in idx],
+        lengths=lengths[idx].astype(np.int64),
+        tokens=[tokens[i] for i in idx] if tokens is not None else None,
+        stats=stats,
+    )
+
+
+def _sample(n_avail: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    full, rest = divmod(n, n_avail)
+    parts = [np.arange(n_avail)] * full + [np.sort(rng.choice(n_avail, size=rest, replace=False))]
+    return np.concatenate(parts).astype(np.int64)
+
+
+class SFTDataset:
+    """Tokenized conversations. ds[i] -> {"input_ids": list[int], "labels": list[int]} (labels ALIGNED)."""
+
+    def __init__(
+        self, sources: list[_Source], index: np.ndarray, *, tokenizer: Tokenizer, max_length: int, report
+    ):
+        self._sources = sources
+        # index[i] = (source number, row within source); duplicates come from "#N" oversampling.
+        self._index = index
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.report = report
+        self.lengths = np.zeros(len(index), dtype=np.int64)
+        for k, src in enumerate(sources):
+            sel = index[:, 0] == k
+            self.lengths[sel] = src.lengths[index[sel, 1]]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def lazy(self) -> bool:
+        return any(s.tokens is None for s in self._sources)
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int64[T], labels int64[T]) of sample i, truncated to max_length."""
+        s, r = self._index[i]
+        src = self._sources[s]
+        if src.tokens is not None:
+            ids, mask = src.tokens[r]
+        else:  # lazy: tokenized here, i.e. inside the loader's workers
+            ids, mask = encode_conversations(self.tokenizer, [src.conversations[r]])[0]
+        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        assert len(ids) == self.lengths[i], "cached length disagrees with tokenization"
+        return ids.astype(np.int64), aligned_labels(ids, mask)
+
+    def __getitem__(self, i: int) -> dict:
+        ids, labels = self.arrays(int(i))
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    def messages(self, i: int) -> list[dict]:
+        s, r = self._index[i]
+        return self._sources[s].conversations[r]
+
+    def metadata(self, i: int) -> dict:
+        """Extra row fields ("length", "response_length", ...) plus the row's origin (_file, _line)."""
+        s, r = self._index[i]
+        src = self._sources[s]
+        return {**src.metadata[r], "_file": src.path, "_line": src.lines[r]}
+
+    def subset(self, indices: Sequence[int], name: str = "subset") -> SFTDataset:
+        sub = SFTDataset(
+            self._sources,
+            self._index[np.asarray(indices, dtype=np.int64)].reshape(-1, 2),
+            tokenizer=self.tokenizer,
+            max_length=self.max_length,
+            report={**self.report, "split": name},
+        )
+        sub.report["samples"] = len(sub)
+        return sub
+
+
+def build_dataset(
+    specs: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    max_length: int,
+    seed: int = 42,
+    truncation_strategy: str = "delete",
+    check_dataset_strategy: str = "error",
+    lazy_tokenize: bool = False,
+    cache_dir: str | None = None,
+) -> SFTDataset:
+    """Read, validate, tokenize and mix jsonl files given as ms-swift specs ("path" or "path#N")."""
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise ValueError("build_dataset: no dataset given")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    problems = _Problems(check_dataset_strategy)
+    sources: dict[str, _Source] = {}
+    parts = []
+    per_spec = []
+    for k, spec in enumerate(specs):
+        path, n = parse_spec(spec)
+        if path not in sources:
+            sources[path] = _load_source(
+                path,
+                tokenizer,
+                max_length=max_length,
+                truncation_strategy=truncation_strategy,
+                problems=problems,
+                lazy=lazy_tokenize,
+                cache_dir=cache_dir,
+            )
+        src = sources[path]
+        n_avail = len(src.lengths)
+        if n is None:
+            rows = np.arange(n_avail, dtype=np.int64)
+        elif n_avail == 0:
+            raise ValueError(f"dataset spec {spec!r}: no usable rows to sample {n} from")
+        else:
+            # One generator per spec position so files do not share random streams.
+            rows = _sample(n_avail, n, np.random.default_rng([seed, k]))
+        s_idx = list(sources).index(path)
+        parts.append(np.stack([np.full(len(rows), s_idx), rows], axis=1))
+        per_spec.append({"spec": spec, "samples": len(rows)})
+    index = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), dtype=np.int64)
+    src_list = list(sources.values())
+    totals = {key: sum(s.stats[key] for s in src_list) for key in src_list[0].stats}
+    report = {
+        **totals,
+        "samples": len(index),
+        "files": {s.path: s.stats for s in src_list},
+        "specs": per_spec,
+        "errors": problems.messages,
+        "truncation_strategy": truncation_strategy,
+        "check_dataset_strategy": check_dataset_strategy,
+    }
+    if len(index) == 0:
+        raise ValueError(f"build_dataset: no usable samples in {list(specs)} (report: {totals})")
+    ds = SFTDataset(src_list, index, tokenizer=tokenizer, max_length=max_length, report=report)
+    logger.info(
+        "dataset: %d samples, %d tokens (rows %d, invalid %d, over-length %d: deleted %d, truncated %d)",
+        len(ds),
+        int(ds.lengths.sum()),
+        totals["rows"],
+        totals["invalid"],
+        totals["over_length"],
+        totals["over_length_deleted"],
+        totals["truncated"],
+    )
+    return ds
+
+
+def split_dataset(ds: SFTDataset, ratio: float, seed: int = 42) -> tuple[SFTDataset, SFTDataset]:
+    """Random (train, val) split; val gets round(len * ratio) samples, at least 1 (ms-swift split_dataset_ratio)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"split ratio must be in (0, 1), got {ratio}")
+    if len(ds) < 2:
+        raise ValueError(f"cannot split a dataset of {len(ds)} sample(s)")
+    n_val = min(len(ds) - 1, max(1, round(len(ds) * ratio)))
+    perm = np.random.default_rng([seed, 0x5E7]).permutation(len(ds))
+    return ds.subset(np.sort(perm[n_val:]), "train"), ds.subset(np.sort(perm[:n_val]), "val")

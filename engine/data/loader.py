@@ -1,0 +1,196 @@
+"""StepLoader: one optimizer step's micro-batches for this rank, identical documents whatever the split.
+
+The epoch plan (packed rows, or one row per sample when packing=False) depends only on (seed, epoch,
+sample lengths, max_length). Optimizer step k takes plan rows [k * G, (k + 1) * G) with
+G = world_size * gradient_accumulation_steps * batch_size; only then are those G rows dealt out:
+sorted by token count (so rows of similar length share a micro-batch and padding stays small), cut into
+micro-batches of batch_size rows, and micro-batch j goes to rank j % world_size as accumulation step
+j // world_size. So 1x4, 2x2 and 4x1 (ranks x accumulation) see the same documents in step k.
+
+Last partial step (fewer than G rows left): with drop_last=False it is kept and completed with filler
+rows (padding only, every label -100), so every rank runs the same number of micro-batches and no
+collective hangs; with drop_last=True it is dropped. An empty dataset, or one with fewer than G rows
+when drop_last=True, is a ValueError.
+
+Resume: state_dict() records (epoch, next step); after the last step of epoch e it reads (e + 1, 0).
+set_epoch(e) keeps the position when e is the current epoch (as after load_state_dict), else starts e
+at step 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.data.packing import collate_rows, pack_lengths
+
+FILLER = -1
+
+
+def _identity(x):
+    return x
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style view: item k = this rank's micro-batches of step k (built in DataLoader workers)."""
+
+    def __init__(self, loader: StepLoader, epoch: int):
+        self.dataset = loader.dataset
+        self.steps = loader._steps(epoch)
+        self.loader_cfg = (loader.batch_size, loader.world_size, loader.rank, loader.pad_length)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        batch_size, world, rank, pad_length = self.loader_cfg
+        rows = self.steps[k]
+        docs = [[self.dataset.arrays(i) for i in row] if row != [FILLER] else [] for row in rows]
+        sizes = np.array([sum(len(d[0]) for d in r) for r in docs])
+        order = np.argsort(-sizes, kind="stable")
+        micro = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+        mine = micro[rank::world]
+        pad = self.dataset.pad_token_id
+        return [collate_rows([docs[i] for i in m], length=pad_length, pad_token_id=pad) for m in mine]
+
+
+class StepLoader:
+    def __init__(
+        self,
+        dataset,
+        *,
+        max_length: int,
+        batch_size: int,
+        gradient_accumulation_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        packing: bool = True,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        pad_to: str = "longest",
+    ):
+        """pad_to: "longest" (micro-batch padded to its longest row) or "max_length" (fixed shapes)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1 or gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"batch_size and gradient_accumulation_steps must be >= 1, got {batch_size}, {gradient_accumulation_steps}"
+            )
+        if pad_to not in ("longest", "max_length"):
+            raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
+        lengths = np.asarray(dataset.lengths, dtype=np.int64)
+        if len(lengths) == 0:
+            raise ValueError("StepLoader: the dataset is empty")
+        if lengths.max() > max_length:
+            raise ValueError(
+                f"StepLoader: a sample has {int(lengths.max())} tokens > max_length={max_length} "
+                "(build the dataset with the same max_length)"
+            )
+        self.dataset = dataset
+        self.lengths = lengths
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.accum = gradient_accumulation_steps
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.packing = packing
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.pad_length = max_length if pad_to == "max_length" else None
+        self.global_batch = world_size * gradient_accumulation_steps * batch_size
+        self.epoch = 0
+        self._next_step = 0
+        self._cache: tuple[int, list] | None = None
+        if len(self) == 0:
+            raise ValueError(
+                f"StepLoader: the dataset gives {len(self._plan(0))} rows, fewer than one global batch of "
+                f"{self.global_batch} rows (world_size {world_size} x gradient_accumulation_steps "
+                f"{gradient_accumulation_steps} x batch_size {batch_size}) with drop_last=True"
+            )
+
+    # -- plan ---------------------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            if self.packing:
+                plan = pack_lengths(self.lengths, self.max_length, seed=self.seed, epoch=epoch)
+            else:
+                perm = np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(len(self.lengths))
+                plan = [[i] for i in perm.tolist()]
+            self._cache = (epoch, plan)
+        return self._cache[1]
+
+    def _steps(self, epoch: int) -> list[list[list[int]]]:
+        """Global rows of every step of the epoch (filler rows are [FILLER])."""
+        plan = self._plan(epoch)
+        G = self.global_batch
+        n_steps = len(plan) // G if self.drop_last else -(-len(plan) // G)
+        steps = []
+        for k in range(n_steps):
+            rows = plan[k * G : (k + 1) * G]
+            steps.append(rows + [[FILLER]] * (G - len(rows)))
+        return steps
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        n = len(self._plan(epoch))
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+    def __len__(self) -> int:
+        return self.steps_in_epoch(self.epoch)
+
+    def global_documents(self, epoch: int, step: int) -> list[list[int]]:
+        """The rows (sample indices) of optimizer step `step`, over all ranks; for tests and logging."""
+        return [r for r in self._steps(epoch)[step] if r != [FILLER]]
+
+    # -- iteration ----------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._next_step = 0
+
+    def __iter__(self):
+        epoch, start = self.epoch, self._next_step
+        view = _StepBatches(self, epoch)
+        n_steps = len(view)
+        if self.num_workers > 0:
+            batches = torch.utils.data.DataLoader(
+                view,
+                batch_size=None,
+                sampler=range(start, n_steps),
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+            )
+        else:
+            batches = (view[k] for k in range(start, n_steps))
+        for k, micro_batches in zip(range(start, n_steps), batches):
+            # Record progress before handing the step out: a checkpoint taken while the caller
+            # processes step k resumes at k + 1.
+            if k + 1 == n_steps:
+                self.epoch, self._next_step = epoch + 1, 0
+            else:
+                self.epoch, self._next_step = epoch, k + 1
+            yield micro_batches
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self._next_step,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "num_samples": len(self.lengths),
+            "total_tokens": int(self.lengths.sum()),
+            "packing": self.packing,
+            "max_length": self.max_length,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch", "num_samples", "total_tokens", "packing", "max_length"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise ValueError(
+                    f"cannot resume the loader: {key} was {state[key]!r} in the checkpoint, "
+                    f"now {self.state_dict()[key]!r} (same data, seed and global batch are needed)"
+                )
+        self.epoch = int(state["epoch"])
+        self._next_step = int(state["step"])
