@@ -1,0 +1,25 @@
+"""Qwen2 / Qwen2.5 / GLM-4 causal LMs written from scratch, their named flavours, HF checkpoint I/O and
+KV-cache generation. Model code only: distribution, checkpointing policy and loss kernels live outside."""
+
+from engine.models.args import FLAVOURS, ModelArgs, resolve_args
+from engine.models.attention import ATTN_IMPLS
+from engine.models.generate import generate
+from engine.models.hf_io import iter_checkpoint, load_pretrained, load_weights_, read_config, save_pretrained
+from engine.models.model import CausalLM, build_model, default_loss_fn, init_module_weights
+
+__all__ = [
+    "ATTN_IMPLS",
+    "FLAVOURS",
+    "CausalLM",
+    "ModelArgs",
+    "build_model",
+    "default_loss_fn",
+    "generate",
+    "init_module_weights",
+    "iter_checkpoint",
+    "load_pretrained",
+    "load_weights_",
+    "read_config",
+    "resolve_args",
+    "save_pretrained",
+]

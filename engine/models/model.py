@@ -1,0 +1,131 @@
+"""CausalLM: embedding -> decoder blocks -> final norm -> output projection, for every architecture.
+
+Only architecture lives here: FSDP, activation checkpointing and the fused loss kernel are applied from
+outside (the trainer wraps each of .model.layers and may replace .loss_fn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.args import ModelArgs, resolve_args
+from engine.models.attention import (
+    AttnMeta,
+    cu_seqlens_from_position_ids,
+    make_attn_meta,
+    position_ids_from_cu_seqlens,
+)
+from engine.models.glm4 import GlmBlock
+from engine.models.layers import RMSNorm, rotary_cos_sin
+from engine.models.qwen2 import Qwen2Block
+
+BLOCKS: dict[str, type[nn.Module]] = {"qwen2": Qwen2Block, "glm": GlmBlock, "glm4": GlmBlock}
+
+
+def default_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies; same as F.cross_entropy((hidden @ weight.T).float(), labels, "sum")."""
+    logits = F.linear(hidden, weight).float()  # (N, V)
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        block = BLOCKS[args.arch]
+        self.layers = nn.ModuleList(block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttnMeta | None, cache=None
+    ) -> torch.Tensor:
+        a = self.args
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        rope = rotary_cos_sin(position_ids, a.rotary_dim, a.rope_theta, a.rope_layout, x.dtype)  # (B, T, rd)
+        for layer in self.layers:
+            x = layer(x, rope, meta, cache)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, args: ModelArgs, attn_impl: str = "auto") -> None:
+        super().__init__()
+        self.args = args
+        self.attn_impl = attn_impl
+        self.model = DecoderStack(args)
+        # Tied models have no lm_head module: the output projection reads the embedding matrix.
+        self.lm_head = (
+            None if args.tie_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        )
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = default_loss_fn
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (V, H)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        dev = input_ids.device
+        if position_ids is None and cu_seqlens is not None:
+            position_ids = position_ids_from_cu_seqlens(cu_seqlens, B, T).to(dev)
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=dev).expand(B, T)
+        elif cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+        dtype = self.model.embed_tokens.weight.dtype
+        meta = make_attn_meta(self.attn_impl, dev, dtype, B, T, cu_seqlens, max_seqlen)
+        hidden = self.model(input_ids, position_ids, meta)  # (B, T, H)
+        if labels is None:
+            return F.linear(hidden, self.output_weight)  # (B, T, V)
+        return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter: N(0, initializer_range) for matrices, 0 for biases, 1 for norms.
+        Used after to_empty() on a meta-built model; init_module_weights does the same for one block."""
+        init_module_weights(self, self.args.initializer_range)
+
+
+@torch.no_grad()
+def init_module_weights(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, RMSNorm):
+            m.reset_parameters()
+
+
+def build_model(
+    name_or_args: str | ModelArgs,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_impl: str = "auto",
+    init: bool = True,
+) -> CausalLM:
+    """Build on the meta device (no memory), then materialise on `device` and initialise unless
+    device is "meta" or init=False (e.g. when a checkpoint will overwrite every parameter)."""
+    args = resolve_args(name_or_args)
+    with torch.device("meta"):
+        model = CausalLM(args, attn_impl=attn_impl).to(dtype)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
+        if init:
+            model.init_weights()
+    return model
