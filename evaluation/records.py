@@ -30,6 +30,18 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def open_append(path: str) -> IO[str]:
+    """Open a JSONL file for appending, first ending a torn last line so the next row starts on its own line."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+    return open(path, "a", encoding="utf-8")
+
+
 def append_jsonl(f: IO[str], row: dict) -> None:
     # One write + flush per row: a crash loses at most the row being written, never pairs two halves.
     f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from data_gen.length import count_words
 from data_gen.llm import LLMError
 from evaluation.quality import judge_response
-from evaluation.records import append_jsonl, latest_by_idx, read_jsonl, text_hash
+from evaluation.records import append_jsonl, latest_by_idx, open_append, read_jsonl, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ async def run_infer_openai(
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(todo), desc="infer", disable=not todo)
 
-    with open(pred_path, "a", encoding="utf-8") as f:
+    with open_append(pred_path) as f:
 
         async def one(item: dict) -> None:
             async with sem:
@@ -124,7 +124,7 @@ def run_infer_engine(
     model = load_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
     model.eval()
     tokenizer = load_tokenizer(checkpoint)
-    with open(pred_path, "a", encoding="utf-8") as f, torch.inference_mode():
+    with open_append(pred_path) as f, torch.inference_mode():
         for item in tqdm(todo, desc="infer (engine)"):
             prompt_ids = encode_generation_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}])
             new_ids = generate(
@@ -168,7 +168,7 @@ async def run_judge(
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(todo), desc="judge", disable=not todo)
 
-    with open(judge_path, "a", encoding="utf-8") as f:
+    with open_append(judge_path) as f:
 
         async def one(pred: dict) -> None:
             async with sem:
