@@ -70,8 +70,7 @@ def _glm(arch: Arch = "glm", **kw) -> ModelArgs:
 
 # Debug tokenizer ids (engine/data/tokenizer.py: 256 byte tokens, then the special tokens in order).
 # debug-qwen2: <|endoftext|>=256, <|im_start|>=257, <|im_end|>=258.
-# debug-glm4: [gMASK]=256, <sop>=257, <|endoftext|>=258, <|system|>=259, <|user|>=260, <|assistant|>=261,
-#   <|observation|>=262.
+# debug-glm4: <|endoftext|>=256, ..., <|user|>=263, <|assistant|>=264, <|observation|>=265.
 FLAVOURS: dict[str, ModelArgs] = {
     "debug-qwen2": _qwen2(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -81,7 +80,7 @@ FLAVOURS: dict[str, ModelArgs] = {
     "debug-glm4": _glm(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=16, rms_norm_eps=1.5625e-7, rope_theta=10000.0 * 500, qkv_bias=True,
-        max_position_embeddings=4096, eos_token_ids=(258, 260, 262), pad_token_id=258,
+        max_position_embeddings=4096, eos_token_ids=(256, 263, 265), pad_token_id=256,
     ),
     # Values from the public config.json files.
     "qwen2-7b": _qwen2(

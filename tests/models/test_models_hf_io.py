@@ -1,0 +1,251 @@
+import json
+import os
+
+import pytest
+import torch
+import transformers as tf
+from hf_tiny import CASES, hf_model
+from safetensors.torch import load_file, save_file
+
+from engine.models import FLAVOURS, build_model, iter_checkpoint, load_pretrained, save_pretrained
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _ids(hf):
+    return torch.randint(0, hf.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_load(path):
+    return tf.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_checkpoint_load_save_roundtrip(case, tmp_path):
+    hf = hf_model(case)
+    ids = _ids(hf)
+    ref = _logits(hf, ids)
+    hf.save_pretrained(tmp_path / "src")
+    ours = load_pretrained(tmp_path / "src", dtype=torch.float32)
+    assert (_logits(ours, ids) - ref).abs().max() <= 1e-5
+    save_pretrained(ours, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == hf.config.model_type and cfg["torch_dtype"] == "float32"
+    assert cfg["architectures"] == [type(hf).__name__]
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [1, 2]
+    assert (_logits(_hf_load(tmp_path / "out"), ids) - ref).abs().max() <= 1e-5
+
+
+def _chatglm_checkpoint(hf, path):
+    """Write THUDM glm-4-9b-chat's remote-code layout from an HF `glm` model (independent of hf_io)."""
+    c = hf.config
+    sd = hf.state_dict()
+    out = {
+        "transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
+        "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
+        "transformer.output_layer.weight": sd["lm_head.weight"],
+        "transformer.rotary_pos_emb.inv_freq": torch.ones(c.head_dim // 4),
+    }
+    for i in range(c.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [sd[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv"]
+            out[f"{q}self_attention.query_key_value.{kind}"] = torch.cat(qkv)
+        out[q + "self_attention.dense.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[q + "mlp.dense_h_to_4h.weight"] = sd[p + "mlp.gate_up_proj.weight"]
+        out[q + "mlp.dense_4h_to_h.weight"] = sd[p + "mlp.down_proj.weight"]
+        out[q + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+        out[q + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    cfg = {
+        "architectures": ["ChatGLMModel"],
+        "model_type": "chatglm",
+        "num_layers": c.num_hidden_layers,
+        "padded_vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "ffn_hidden_size": c.intermediate_size,
+        "kv_channels": c.head_dim,
+        "num_attention_heads": c.num_attention_heads,
+        "multi_query_attention": True,
+        "multi_query_group_num": c.num_key_value_heads,
+        "layernorm_epsilon": c.rms_norm_eps,
+        "rope_ratio": c.rope_parameters["rope_theta"] / 10000,
+        "add_qkv_bias": True,
+        "add_bias_linear": False,
+        "rmsnorm": True,
+        "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "seq_length": 4096,
+        "eos_token_id": [1, 2],
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+    }
+    os.makedirs(path)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "modeling_chatglm.py").write_text("# remote code placeholder\n")
+    (path / "tokenizer_config.json").write_text("{}\n")
+    return out
+
+
+def test_chatglm_checkpoint_loads_and_exports_to_glm_and_chatglm(tmp_path):
+    hf = hf_model("glm")
+    ids = _ids(hf)
+    ref = _logits(hf, ids)
+    written = _chatglm_checkpoint(hf, tmp_path / "chatglm")
+    ours = load_pretrained(tmp_path / "chatglm")
+    assert ours.args.rope_theta == hf.config.rope_parameters["rope_theta"] and ours.args.arch == "glm"
+    assert (_logits(ours, ids) - ref).abs().max() <= 1e-5
+
+    save_pretrained(ours, tmp_path / "glm")  # default: HF-native glm layout
+    assert json.loads((tmp_path / "glm" / "config.json").read_text())["model_type"] == "glm"
+    assert (tmp_path / "glm" / "tokenizer_config.json").is_file()  # copied from the source dir
+    assert not (tmp_path / "glm" / "modeling_chatglm.py").exists()
+    assert (_logits(_hf_load(tmp_path / "glm"), ids) - ref).abs().max() <= 1e-5
+
+    save_pretrained(ours, tmp_path / "back", format="chatglm")
+    again = load_file(str(tmp_path / "back" / "model.safetensors"))
+    written.pop("transformer.rotary_pos_emb.inv_freq")
+    assert set(again) == set(written) and all(torch.equal(again[k], written[k]) for k in written)
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (
+        cfg["model_type"] == "chatglm" and cfg["rope_ratio"] == hf.config.rope_parameters["rope_theta"] / 1e4
+    )
+    assert (tmp_path / "back" / "modeling_chatglm.py").is_file()
+    assert (_logits(load_pretrained(tmp_path / "back"), ids) - ref).abs().max() <= 1e-5
+
+
+def test_sharded_roundtrip_bf16_and_stale_shards_removed(tmp_path):
+    hf = hf_model("qwen2")
+    ids = _ids(hf)
+    hf.save_pretrained(tmp_path / "src")
+    ours = load_pretrained(tmp_path / "src")
+    out = tmp_path / "sharded"
+    save_pretrained(ours, out, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    for s in shards:
+        assert (out / s).stat().st_size < 40_000 + 20_000  # one tensor never splits; ours are < 40 KB
+    ref = _logits(ours, ids)
+    assert torch.equal(_logits(load_pretrained(out), ids), ref)
+    assert (_logits(_hf_load(out), ids) - ref).abs().max() <= 1e-5
+    n_before = len(list(iter_checkpoint(out)))
+    assert n_before == len(dict(ours.named_parameters()))
+
+    # Saving again into the same directory as one bf16 file leaves no stale shard or index behind.
+    (out / "train_args.json").write_text("{}")
+    save_pretrained(ours, out, dtype=torch.bfloat16)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in names and "model.safetensors.index.json" not in names
+    assert not any(n.startswith("model-0") for n in names) and "train_args.json" in names
+    b = load_pretrained(out)
+    assert b.model.embed_tokens.weight.dtype == torch.bfloat16  # default dtype = the checkpoint's
+    assert not any(p.name.startswith(".sharded.tmp") for p in tmp_path.iterdir())
+
+
+def test_tokenizer_is_saved_and_meta_load_validates(tmp_path):
+    class Tok:
+        def save_pretrained(self, d):
+            with open(os.path.join(d, "tokenizer.json"), "w") as f:
+                f.write("{}")
+
+    model = build_model("debug-glm4")
+    save_pretrained(model, tmp_path / "a", tokenizer=Tok())
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    meta = load_pretrained(tmp_path / "a", device="meta")
+    assert all(p.is_meta for p in meta.parameters()) and meta.args == model.args
+    loaded = load_pretrained(tmp_path / "a")
+    for (n, p), (m, q) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n == m and torch.equal(p, q)
+
+
+def test_debug_flavours_match_the_data_tokenizer():
+    from engine.data import load_tokenizer
+
+    for name in ("debug-qwen2", "debug-glm4"):
+        tok = load_tokenizer(name)
+        assert tuple(FLAVOURS[name].eos_token_ids) == tuple(tok.eos_token_ids)
+        assert tok.vocab_size <= FLAVOURS[name].vocab_size
+
+
+@pytest.fixture
+def sharded_ckpt(tmp_path):
+    model = build_model("debug-qwen2")
+    save_pretrained(model, tmp_path / "ck", max_shard_size="60KB")
+    return tmp_path / "ck"
+
+
+def _weight_map(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_missing_shard_is_named(sharded_ckpt):
+    shard = sorted(set(_weight_map(sharded_ckpt).values()))[1]
+    (sharded_ckpt / shard).unlink()
+    with pytest.raises(ValueError, match=shard):
+        load_pretrained(sharded_ckpt)
+
+
+def test_truncated_shard_is_named(sharded_ckpt):
+    shard = sorted(set(_weight_map(sharded_ckpt).values()))[-1]
+    f = sharded_ckpt / shard
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{shard}.*truncated"):
+        load_pretrained(sharded_ckpt)
+
+
+def test_unknown_model_type(sharded_ckpt):
+    cfg = json.loads((sharded_ckpt / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (sharded_ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json.*unknown model_type 'llama'"):
+        load_pretrained(sharded_ckpt)
+
+
+def _rewrite_shard(d, edit):
+    """Apply edit(tensors) to the shard holding model.norm.weight and keep the index consistent."""
+    wm = _weight_map(d)
+    shard = wm["model.norm.weight"]
+    tensors = load_file(str(d / shard))
+    edit(tensors)
+    save_file(tensors, str(d / shard))
+    wm = {k: v for k, v in wm.items() if v != shard} | {k: shard for k in tensors}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return shard
+
+
+def test_missing_key_is_named(sharded_ckpt):
+    _rewrite_shard(sharded_ckpt, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ValueError, match="missing key 'model.norm.weight'"):
+        load_pretrained(sharded_ckpt)
+
+
+def test_unexpected_key_is_named(sharded_ckpt):
+    shard = _rewrite_shard(sharded_ckpt, lambda t: t.update({"model.extra.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=f"{shard}: unexpected key 'model.extra.weight'"):
+        load_pretrained(sharded_ckpt)
+
+
+def test_shape_mismatch_is_named(sharded_ckpt):
+    shard = _rewrite_shard(sharded_ckpt, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=f"{shard}: key 'model.norm.weight' has shape \\[65\\]"):
+        load_pretrained(sharded_ckpt)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        next(iter_checkpoint(sharded_ckpt))  # the trainer's iterator validates before the first tensor
+
+
+def test_listed_key_absent_from_shard_and_bad_format(tmp_path, sharded_ckpt):
+    wm = _weight_map(sharded_ckpt)
+    wm["model.ghost.weight"] = next(iter(wm.values()))
+    (sharded_ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(ValueError, match="'model.ghost.weight'"):
+        load_pretrained(sharded_ckpt)
+    with pytest.raises(ValueError, match="cannot be saved as format 'chatglm'"):
+        save_pretrained(build_model("debug-qwen2"), tmp_path / "x", format="chatglm")
