@@ -1,0 +1,172 @@
+"""Resumable distributed checkpoints (torch.distributed.checkpoint) and the consolidated HF export.
+
+Layout of output_dir/checkpoint-{step}:
+    .metadata, __*_*.distcp     DCP: {"model": ..., "optim": ...} sharded as trained (any world size can read)
+    rank{r}.pt                  this rank's RNG states, loader state, scheduler state, step counters
+    trainer_state.json          step / epoch / config, for people
+A checkpoint is written into checkpoint-{step}.tmp and renamed by rank 0 after a barrier, so a directory
+named checkpoint-{step} is always complete; a crash mid-save leaves only a .tmp, which is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed, with DCP metadata), oldest first."""
+    out = []
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _CKPT.match(p.name)
+            if m and p.is_dir() and (p / ".metadata").is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
+    """`value` is a checkpoint directory, or "latest"/"auto" (newest in output_dir; None if there is none)."""
+    if value is None:
+        return None
+    if value in ("latest", "auto", "true", "True"):
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1][1] if ckpts else None
+    p = Path(value)
+    if not (p / ".metadata").is_file():
+        raise ValueError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no .metadata)")
+    return p
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    rank_state: dict,
+    info: dict,
+    save_total_limit: int | None = None,
+) -> Path:
+    """Collective: every rank calls it. optimizer None = weights only (--save_only_model)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed save
+        tmp.mkdir(parents=True)
+    _barrier()
+    if optimizer is not None:
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    if rank == 0:
+        info = dict(
+            info,
+            world_size=dist.get_world_size() if dist.is_initialized() else 1,
+            has_optimizer=optimizer is not None,
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2, default=str))
+    _barrier()  # every rank's files are written
+    if rank == 0:
+        if path.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        if save_total_limit:
+            for _, old in list_checkpoints(path.parent)[:-save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    only_model: bool = False,
+) -> dict | None:
+    """Load weights (and, unless only_model, optimizer state); returns this rank's rank_state or None."""
+    path = Path(path)
+    info = json.loads((path / "trainer_state.json").read_text())
+    if only_model or optimizer is None:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, checkpoint_id=str(path))
+        set_model_state_dict(model, msd)
+        return None
+    if not info.get("has_optimizer", True):
+        raise ValueError(
+            f"{path} was saved with save_only_model (no optimizer state): use --resume_only_model"
+        )
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if info["world_size"] != world:
+        raise ValueError(
+            f"{path} was written by {info['world_size']} ranks, this run has {world}: exact resume needs the "
+            "same world size (RNG and loader state are per rank); use --resume_only_model to load weights"
+        )
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(path / f"rank{_rank()}.pt", weights_only=False)
+
+
+def export_hf(
+    model: nn.Module, out_dir: str | Path, *, tokenizer=None, dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """Collective: gather the full state dict to rank 0 (on CPU), which writes HF safetensors + tokenizer
+    (engine.models.save_pretrained writes into a temporary directory and renames it into place)."""
+    from engine.models import save_pretrained
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=opts)  # rank 0 holds the tensors, other ranks get {}
+    if _rank() == 0:
+        save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, state_dict=full)
+    del full
+    _barrier()

@@ -1,0 +1,288 @@
+"""Training configuration: one dataclass tree, filled from defaults < a yaml/toml file < the command line.
+
+Keys are ms-swift `sft` flag names where one exists (``--learning_rate``, ``--max_length``...). Every key is
+unique across the groups, so a config file may be flat (``learning_rate: 1e-5``) or grouped by section
+(``optim: {learning_rate: 1e-5}``). Unknown keys and bad values raise ``ValueError`` naming the key (and file).
+Only engine/train.py sees the whole tree; every other module takes the few values it needs as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    model: str = "debug-qwen2"  # HF directory or an engine.models flavour name (random init)
+    torch_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
+    attn_impl: str = "auto"  # passed to engine.models (auto | flash | sdpa | ...)
+    loss_impl: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+
+
+@dataclass
+class DataConfig:
+    dataset: list[str] = field(default_factory=list)  # "path" or "path#N"
+    val_dataset: list[str] = field(default_factory=list)
+    max_length: int = 2048
+    packing: bool = True
+    split_dataset_ratio: float = 0.0
+    lazy_tokenize: bool = False
+    dataloader_num_workers: int = 0
+    truncation_strategy: str = field(default="delete", metadata=_choices("delete", "truncate"))
+    check_dataset_strategy: str = field(default="warning", metadata=_choices("error", "warning"))
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1  # rows per micro-batch per rank
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    gradient_checkpointing_every: int = 1  # checkpoint every k-th decoder layer
+    neftune_noise_alpha: float = 0.0  # 0 = off
+    loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "mean"))
+    max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "output"
+    save_steps: int = 500  # 0 = only at the end (and on SIGTERM)
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    save_final: bool = True  # output_dir/final: consolidated HF safetensors
+    final_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
+    resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
+    resume_only_model: bool = False
+
+
+@dataclass
+class LogConfig:
+    eval_steps: int = 0  # 0 = no evaluation during training
+    logging_steps: int = 1
+    report_to: list[str] = field(default_factory=list)  # "tensorboard"
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# key -> (group name, dataclasses.Field, resolved type)
+def _key_table() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    table = {}
+    for group in dataclasses.fields(Config):
+        section = type(group.default_factory())
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            assert f.name not in table, f"duplicate config key {f.name}"
+            table[f.name] = (group.name, f, hints[f.name])
+    return table
+
+
+KEYS = _key_table()
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    """Turn a string (command line) or a native value (config file) into the key's type."""
+    _, f, tp = KEYS[key]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    bad = ValueError(f"bad value {value!r} for '{key}' ({where}): expected {getattr(tp, '__name__', tp)}")
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if typing.get_origin(tp) is list:
+        items = value if isinstance(value, list | tuple) else [value]
+        out = []
+        for item in items:  # "a,b" on the command line is two items
+            out += [s for s in item.split(",") if s] if isinstance(item, str) else [item]
+        if not all(isinstance(x, str) for x in out):
+            raise bad
+        return out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise bad
+    try:
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise bad
+            out = int(value) if not isinstance(value, str) else int(value, 10)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise bad
+            out = float(value)
+            if not math.isfinite(out):
+                raise bad
+        else:
+            out = str(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise ValueError(f"bad value {value!r} for '{key}' ({where}): choose one of {', '.join(choices)}")
+    return out
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(p.read_text()) or {}
+    elif p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(p.read_text())
+    else:
+        raise ValueError(f"config file {path}: use .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: top level must be a mapping")
+    flat: dict[str, Any] = {}
+    groups = {g.name for g in dataclasses.fields(Config)}
+    for key, value in data.items():
+        if key in groups and isinstance(value, dict):  # grouped form
+            items = value.items()
+        else:
+            items = [(key, value)]
+        for k, v in items:
+            if k not in KEYS:
+                raise ValueError(f"unknown key '{k}' in config file {path}")
+            flat[k] = _convert(k, v, f"config file {path}")
+    return flat
+
+
+def _parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """`--key value`, `--key=value`, bare `--flag` for booleans, `--dataset a b c` for lists."""
+    config_file, out, i = None, {}, 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected argument {tok!r} (flags look like --key value)")
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_") if key.replace("-", "_") in KEYS or key == "config" else key
+        if key != "config" and key not in KEYS:
+            raise ValueError(f"unknown flag --{key}")
+        i += 1
+        if eq:
+            values = [value]
+        else:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+        if key == "config":
+            if len(values) != 1:
+                raise ValueError("--config takes one file")
+            config_file = values[0]
+            continue
+        tp = KEYS[key][2]
+        if not values:
+            if tp is not bool:
+                raise ValueError(f"flag --{key} needs a value")
+            values = ["true"]
+        is_list = typing.get_origin(tp) is list
+        if len(values) > 1 and not is_list:
+            raise ValueError(f"flag --{key} takes one value, got {values}")
+        out[key] = _convert(key, values if is_list else values[0], "command line")
+    return config_file, out
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ValueError(f"bad value for '{key}': {msg}")
+
+    d, o, t, c, lg = cfg.data, cfg.optim, cfg.train, cfg.checkpoint, cfg.log
+    need(d.max_length > 0, "max_length", "must be > 0")
+    need(0.0 <= d.split_dataset_ratio < 1.0, "split_dataset_ratio", "must be in [0, 1)")
+    need(d.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+    need(o.learning_rate > 0, "learning_rate", "must be > 0")
+    need(0.0 <= o.warmup_ratio <= 1.0, "warmup_ratio", "must be in [0, 1]")
+    need(o.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(o.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+    need(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "adam_beta1/adam_beta2", "must be in [0, 1)")
+    need(t.batch_size > 0, "batch_size", "must be > 0")
+    need(t.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be > 0")
+    need(t.num_train_epochs > 0 or t.max_steps > 0, "num_train_epochs", "must be > 0 (or set max_steps)")
+    need(t.max_steps == -1 or t.max_steps > 0, "max_steps", "must be -1 (use epochs) or > 0")
+    need(t.gradient_checkpointing_every >= 1, "gradient_checkpointing_every", "must be >= 1")
+    need(t.neftune_noise_alpha >= 0, "neftune_noise_alpha", "must be >= 0")
+    need(t.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+    need(c.save_steps >= 0, "save_steps", "must be >= 0")
+    need(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit", "must be >= 1")
+    need(
+        not c.resume_only_model or c.resume_from_checkpoint,
+        "resume_only_model",
+        "needs resume_from_checkpoint",
+    )
+    need(lg.eval_steps >= 0, "eval_steps", "must be >= 0")
+    need(lg.logging_steps >= 1, "logging_steps", "must be >= 1")
+    for r in lg.report_to:
+        need(r in ("tensorboard", "none"), "report_to", f"unknown backend {r!r} (tensorboard | none)")
+    need(bool(d.dataset), "dataset", "at least one dataset is required")
+
+
+def parse_config(argv: list[str] | None = None, *, check: bool = True) -> Config:
+    """Defaults < `--config FILE` < command-line flags; raises ValueError on unknown keys or bad values."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_file, cli = _parse_argv(argv)
+    values = _load_file(config_file) if config_file else {}
+    values.update(cli)
+    cfg = Config()
+    for key, value in values.items():
+        setattr(getattr(cfg, KEYS[key][0]), key, value)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def usage() -> str:
+    lines = ["usage: python -m engine.train [--config FILE] [--key value ...]", ""]
+    defaults = Config()
+    for key, (group, f, tp) in KEYS.items():
+        choices = f.metadata.get("choices")
+        hint = "|".join(choices) if choices else getattr(tp, "__name__", str(tp))
+        lines.append(f"  --{key:<32} {hint:<28} default {getattr(getattr(defaults, group), key)!r}")
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Functions that change a model in place from outside: activation checkpointing, FSDP2, NEFTune, and the
+materialisation of a meta-device model into sharded parameters. Model files know none of this.
+
+Required order (as torchtitan's parallelize.py):
+    build on meta -> apply_neftune (hooks, any time before training) -> apply_activation_checkpointing
+    -> apply_fsdp (AC wraps each block *before* fully_shard, so the FSDP unit is the checkpointed block and
+    its all-gather is redone inside the recompute) -> materialize_ (to_empty + init / load into the shards).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_AC_PREFIX = "_checkpoint_wrapped_module."
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun job (RANK/WORLD_SIZE/MASTER_* in the environment) or make a 1-process group.
+
+    NCCL for CUDA tensors plus gloo for CPU ones (DCP and the loader exchange small CPU objects); gloo only on
+    CPU. A 1-process group keeps one code path: FSDP2 on a 1-device mesh, DTensors everywhere.
+    """
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+# ---------------------------------------------------------------- activation checkpointing
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+    """Wrap every `every`-th decoder block (0, k, 2k, ...) in a non-reentrant checkpoint; returns their ids.
+
+    Only each block's input is kept; its internals are recomputed in backward.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+
+    layers = model.model.layers
+    wrapped = []
+    for i in range(len(layers)):
+        if i % every == 0:
+            layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            wrapped.append(i)
+    return wrapped
+
+
+# ---------------------------------------------------------------- FSDP2
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    *,
+    param_dtype: torch.dtype = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> None:
+    """fully_shard each decoder block, then the root (embeddings, final norm, lm_head, the fused loss).
+
+    Parameters stay fp32 (master weights; AdamW state is fp32 of the same shards). With param_dtype bf16 the
+    all-gathered compute copy is bf16 and gradients are reduced in fp32. Gradient reduction is a plain SUM
+    (divide factor 1): the long-ce loss is already divided by the global token count, and forcing SUM keeps
+    gloo, which sums where it should average (pytorch#162338), and NCCL on one path.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if param_dtype == torch.float32:
+        mp = MixedPrecisionPolicy()  # fp32 runs: no casts at all
+    else:
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        # the last block is needed again at once by backward: keep it gathered (torchtitan does the same)
+        fully_shard(
+            layer,
+            mesh=mesh,
+            mp_policy=mp,
+            reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+
+
+def clean_fqn(name: str) -> str:
+    """Parameter name without wrapper prefixes, as in the model's own state_dict."""
+    return name.replace(_AC_PREFIX, "")
+
+
+@torch.no_grad()
+def load_full_tensors_(
+    model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict=True
+) -> None:
+    """Copy full (unsharded) tensors into the model's own (possibly DTensor-sharded) parameters and buffers.
+
+    Every rank reads the same full tensor and keeps its own shard (src_data_rank=None: no communication), so
+    memory holds one full tensor at a time, never the whole model.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = {clean_fqn(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    seen = set()
+    for name, full in named_tensors:
+        if name not in targets:
+            if strict:
+                raise KeyError(f"checkpoint tensor {name!r} has no parameter in the model")
+            continue
+        dst = targets[name]
+        if tuple(full.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"{name}: checkpoint shape {tuple(full.shape)} != model shape {tuple(dst.shape)}"
+            )
+        if isinstance(dst, DTensor):
+            full = full.to(device=dst.device, dtype=dst.dtype)
+            dst.copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None))
+        else:
+            dst.copy_(full)
+        seen.add(name)
+    missing = {clean_fqn(n) for n, _ in model.named_parameters()} - seen
+    if strict and missing:
+        raise KeyError(f"parameters missing from the checkpoint: {sorted(missing)[:8]}")
+
+
+def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02, device=None):
+    """HF-style init (normal(0, std) weights, zero biases, unit norm weights) per parameter, generated from a
+    generator seeded by (seed, name): identical on every rank and every world size, whatever the order."""
+    from engine.optim import _is_norm
+
+    norms = {
+        clean_fqn(f"{mn}.{pn}" if mn else pn)
+        for mn, m in model.named_modules()
+        if _is_norm(m)
+        for pn, _ in m.named_parameters(recurse=False)
+    }
+    for name, p in model.named_parameters():
+        name = clean_fqn(name)
+        dev = device or p.device
+        if name in norms:
+            yield name, torch.ones(p.shape, dtype=torch.float32, device=dev)
+        elif name.endswith("bias"):
+            yield name, torch.zeros(p.shape, dtype=torch.float32, device=dev)
+        else:
+            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            yield name, torch.empty(p.shape, dtype=torch.float32, device=dev).normal_(0.0, std, generator=g)
+
+
+# ---------------------------------------------------------------- NEFTune
+def doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    """Lengths of the documents of a [B, T] batch in flattened order (cu_seqlens, else position_ids == 0,
+    else one document per row)."""
+    B, T = shape
+    if cu_seqlens is not None:
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+    if position_ids is not None:
+        starts = position_ids.reshape(-1).cpu() == 0
+        starts[::T] = True  # a row always starts a document
+        idx = torch.nonzero(starts).flatten()
+        return torch.diff(idx, append=torch.tensor([B * T]))
+    return torch.full((B,), T, dtype=torch.long)
+
+
+def neftune_scale(lengths: torch.Tensor, hidden: int, alpha: float) -> torch.Tensor:
+    """Per-token noise magnitude alpha / sqrt(L * d), L = the token's own document length: [sum(lengths)]."""
+    per_doc = alpha / torch.sqrt(lengths.double() * hidden)
+    return torch.repeat_interleave(per_doc, lengths).float()
+
+
+def apply_neftune(model: nn.Module, alpha: float) -> list:
+    """NEFTune (Jain et al. 2023): add Uniform(-1, 1) * alpha / sqrt(L * d) to the input embeddings while
+    training. HF computes L from the padded row; with packing each document gets its own L, so a packed
+    document sees exactly the noise it would see alone. Returns the hook handles."""
+    if alpha <= 0:
+        return []
+    seen: dict = {}
+
+    def capture(module, args, kwargs):
+        # CausalLM.forward(input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None)
+        names = ("input_ids", "position_ids", "cu_seqlens")
+        vals = {n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)}
+        seen["lengths"] = doc_lengths(
+            tuple(vals["input_ids"].shape), vals["position_ids"], vals["cu_seqlens"]
+        )
+
+    def add_noise(module, inputs, output):
+        if not module.training:
+            return output
+        B, T, H = output.shape  # (B, T, d)
+        scale = neftune_scale(seen["lengths"], H, alpha).to(output.device).view(B, T, 1)
+        noise = torch.rand(output.shape, device=output.device, dtype=torch.float32).mul_(2).sub_(1)
+        return output + (noise * scale).to(output.dtype)
+
+    return [
+        model.register_forward_pre_hook(capture, with_kwargs=True),
+        model.model.embed_tokens.register_forward_hook(add_noise),
+    ]

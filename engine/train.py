@@ -1,0 +1,380 @@
+"""The SFT loop: `python -m engine.train --config examples/x.yaml [--key value ...]`, or under
+`torchrun --nproc_per_node N [--nnodes M ...] -m engine.train ...` (NCCL on GPU, gloo on CPU).
+
+One optimizer step = gradient_accumulation_steps micro-batches per rank. Long-ce: the step's target tokens
+are counted and all-reduced before any forward, every micro-batch back-propagates sum(token losses) / count,
+and FSDP sums (not averages) gradients, so each target token of the global batch weighs the same however the
+batch is split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import (
+    export_hf,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from engine.config import Config, parse_config, usage
+from engine.memory import plan_memory
+from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
+from engine.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from engine.parallel import (
+    DistInfo,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    apply_neftune,
+    init_distributed,
+    load_full_tensors_,
+    random_init_tensors,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_sharded_model(cfg: Config, info: DistInfo):
+    """Meta-device build -> NEFTune hooks -> activation checkpointing -> FSDP2 -> materialise the shards
+    (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import kernels
+    from engine.models import build_model, iter_checkpoint, load_pretrained
+
+    src, t = cfg.model.model, cfg.train
+    pretrained = Path(src).is_dir()
+    if pretrained:
+        model = load_pretrained(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+    else:
+        model = build_model(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+    model.loss_fn = functools.partial(kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl)
+    apply_neftune(model, t.neftune_noise_alpha)
+    if t.gradient_checkpointing:
+        apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    apply_fsdp(model, mesh, param_dtype=DTYPES[cfg.model.torch_dtype])
+    model.to_empty(device=info.device)
+    if pretrained:
+        load_full_tensors_(model, iter_checkpoint(src))
+    else:
+        load_full_tensors_(
+            model, random_init_tensors(model, cfg.train.seed, std=model.args.initializer_range)
+        )
+    return model
+
+
+def build_data(cfg: Config, info: DistInfo, tokenizer):
+    from engine.data import StepLoader, build_dataset, split_dataset
+
+    d, t = cfg.data, cfg.train
+    kw = dict(
+        max_length=d.max_length,
+        seed=t.seed,
+        truncation_strategy=d.truncation_strategy,
+        check_dataset_strategy=d.check_dataset_strategy,
+        lazy_tokenize=d.lazy_tokenize,
+    )
+    train_ds = build_dataset(d.dataset, tokenizer, **kw)
+    val_ds = build_dataset(d.val_dataset, tokenizer, **kw) if d.val_dataset else None
+    if d.split_dataset_ratio > 0 and val_ds is None:
+        train_ds, val_ds = split_dataset(train_ds, d.split_dataset_ratio, t.seed)
+
+    def loader(ds, accum):
+        return StepLoader(
+            ds, max_length=d.max_length, batch_size=t.batch_size, gradient_accumulation_steps=accum,
+            rank=info.rank, world_size=info.world_size, seed=t.seed, packing=d.packing,
+            num_workers=d.dataloader_num_workers,
+        )  # fmt: skip
+
+    train_loader = loader(train_ds, t.gradient_accumulation_steps)
+    # The loader completes a last partial step with filler rows; a run whose first step would be partial
+    # is almost surely a mistake (wrong dataset or batch), so it is an error.
+    rows = train_loader.global_batch
+    have = len(train_loader.global_documents(0, 0))
+    if have < rows:
+        raise ValueError(
+            f"dataset too small for one optimizer step: {len(train_ds)} samples give {have} rows "
+            f"(packing={d.packing}, max_length {d.max_length}), fewer than one global batch of {rows} rows "
+            f"(world_size {info.world_size} x gradient_accumulation_steps x batch_size)"
+        )
+    val_loader = loader(val_ds, 1) if val_ds is not None and len(val_ds) else None
+    return train_loader, val_loader
+
+
+def _all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def _to(mb: dict, device) -> dict:
+    return {
+        "input_ids": mb["input_ids"].to(device, non_blocking=True),
+        "position_ids": mb["position_ids"].to(device, non_blocking=True),
+        "cu_seqlens": mb["cu_seqlens"],  # stays on the host (contract of engine.models)
+        "max_seqlen": mb["max_seqlen"],
+        "labels": mb["labels"].to(device, non_blocking=True),
+    }
+
+
+def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device, stop=None) -> dict:
+    """Forward + backward of one optimizer step's micro-batches on this rank. Returns the global loss and
+    token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step is abandoned)."""
+    local = [
+        sum(mb["num_target_tokens"] for mb in micro_batches),
+        sum(sum(mb["doc_lengths"]) for mb in micro_batches),
+        sum(sum(n * n for n in mb["doc_lengths"]) for mb in micro_batches),
+    ]
+    n_target, n_tokens, sum_sq = _all_reduce(local, device)
+    denom = max(n_target, 1.0)
+    n_mean = len(micro_batches) * dist.get_world_size()
+    acc = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        if stop is not None and stop():
+            return None
+        b = _to(mb, device)
+        loss_sum = model(
+            b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
+        )
+        if loss_name == "long-ce":
+            loss = loss_sum / denom  # every target token of the global step weighs 1 / n_target
+            acc += loss_sum.detach()
+        else:  # "mean": each micro-batch's own token mean, then the mean over micro-batches and ranks
+            loss = loss_sum / max(mb["num_target_tokens"], 1) / n_mean
+            acc += loss.detach() * n_mean
+        loss.backward()
+    dist.all_reduce(acc)
+    loss = acc.item() / (denom if loss_name == "long-ce" else n_mean)
+    return {"loss": loss, "num_tokens": int(n_target), "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> float:
+    """Token-mean loss over the whole validation set (all ranks)."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for micro_batches in loader:
+        for mb in micro_batches:
+            b = _to(mb, device)
+            total += model(
+                b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
+            )
+            count += mb["num_target_tokens"]
+    model.train()
+    total_sum, count = _all_reduce([total.item(), count], device)
+    return total_sum / max(count, 1.0)
+
+
+class _Stop:
+    """SIGTERM sets a flag; ranks agree on it (all-reduce MAX) between micro-batches."""
+
+    def __init__(self, device):
+        self.device, self.flag = device, False
+        self.old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __call__(self) -> bool:
+        return bool(_all_reduce([float(self.flag)], torch.device("cpu"), dist.ReduceOp.MAX)[0])
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.old)
+
+
+def train(cfg: Config, *, on_step=None) -> dict:
+    """Run one training job; returns a summary. on_step(step, record) is called on every rank (tests)."""
+    info = init_distributed()
+    rank, device, t, c = info.rank, info.device, cfg.train, cfg.checkpoint
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)  # per-rank stream (NEFTune noise); model init has its own generators
+    out = Path(c.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    from engine.data import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.model)
+    train_loader, val_loader = build_data(cfg, info, tokenizer)
+    steps_per_epoch = len(train_loader)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+
+    model = build_sharded_model(cfg, info)
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model,
+        lr=o.learning_rate,
+        weight_decay=o.weight_decay,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+    )
+    scheduler = build_scheduler(
+        optimizer, kind=o.lr_scheduler_type, warmup_ratio=o.warmup_ratio, total_steps=total
+    )
+
+    step = 0
+    resume = resolve_resume(out, c.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, model=model, optimizer=optimizer, only_model=c.resume_only_model)
+        if state is not None:  # exact resume: schedule, data position, RNG
+            step = state["step"]
+            scheduler.load_state_dict(state["scheduler"])
+            train_loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"], device)
+
+    log = MetricsLogger(
+        out, enabled=rank == 0, total_steps=total, start_step=step, report_to=cfg.log.report_to,
+        progress_bar=cfg.log.progress_bar,
+    )  # fmt: skip
+    tokens_per_mb = t.batch_size * cfg.data.max_length
+    plan = plan_memory(
+        model.args, world_size=info.world_size, tokens_per_micro_batch=tokens_per_mb,
+        param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=t.gradient_checkpointing,
+        checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
+    )  # fmt: skip
+    log.write(
+        f"{cfg.model.model}: {model.args.num_params() / 1e6:.1f}M params, world {info.world_size}, "
+        f"{steps_per_epoch} steps/epoch, {total} steps" + (f", resumed from {resume}" if resume else "")
+    )
+    log.write(plan.format())
+
+    def snapshot() -> dict:  # this rank's state at a step boundary
+        return {
+            "step": step, "scheduler": scheduler.state_dict(),
+            "loader": train_loader.state_dict(), "rng": rng_state(device),
+        }  # fmt: skip
+
+    def save(reason: str) -> Path:
+        path = save_checkpoint(
+            out / f"checkpoint-{step}", model=model, optimizer=None if c.save_only_model else optimizer,
+            rank_state=boundary, info={"step": step, "epoch": step / steps_per_epoch, "reason": reason, "config": cfg.to_dict()},
+            save_total_limit=c.save_total_limit,
+        )  # fmt: skip
+        log.write(f"saved {path} ({reason})")
+        return path
+
+    stop = _Stop(device)
+    peak = peak_flops(device)
+    bad_in_row, skipped, losses, last_saved, stopped = 0, 0, [], None, False
+    boundary = snapshot()
+    t_start = time.perf_counter()
+    try:
+        while step < total and not stopped:
+            # the loader owns the position: after an epoch's last step (or a resume) it reads the next epoch
+            epoch = train_loader.epoch
+            train_loader.set_epoch(epoch)
+            for micro_batches in train_loader:
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                res = forward_backward(model, micro_batches, loss_name=t.loss_name, device=device, stop=stop)
+                if res is None:
+                    stopped = True
+                    break
+                grad_norm = clip_grad_norm_(model.parameters(), o.max_grad_norm).item()
+                finite = math.isfinite(res["loss"]) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    bad_in_row = 0
+                else:
+                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                record = {
+                    "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": res["loss"], "lr": lr,
+                    "grad_norm": grad_norm, "num_tokens": res["num_tokens"], "tokens": res["tokens"],
+                    "tokens_per_s": res["tokens"] / dt, "step_time_s": dt,
+                    "max_memory_gb": round(max_memory_gb(device), 3),
+                }  # fmt: skip
+                if peak:
+                    flops = step_flops(model.args, res["tokens"], res["sum_sq"])
+                    record["mfu"] = flops / dt / (peak * info.world_size)
+                if not finite:
+                    record["skipped"] = True
+                    log.write(
+                        f"step {step}: non-finite loss/grad norm ({res['loss']}, {grad_norm}); step skipped"
+                    )
+                    if bad_in_row >= t.max_nonfinite_steps:
+                        raise RuntimeError(
+                            f"{bad_in_row} non-finite steps in a row (last: step {step}); aborting"
+                        )
+                losses.append(res["loss"])
+                log.log(record)
+                if on_step is not None:
+                    on_step(step, record)
+                boundary = snapshot()
+                if val_loader is not None and cfg.log.eval_steps and step % cfg.log.eval_steps == 0:
+                    log.log(
+                        {
+                            "step": step,
+                            "epoch": record["epoch"],
+                            "eval_loss": evaluate(model, val_loader, device),
+                        }
+                    )
+                if c.save_steps and step % c.save_steps == 0:
+                    last_saved = save("periodic")
+                if step >= total:
+                    break
+        if stopped:
+            save("SIGTERM")
+            log.write(f"stopped by SIGTERM after step {step}; resume with --resume_from_checkpoint latest")
+        else:
+            if last_saved is None or last_saved.name != f"checkpoint-{step}":
+                save("end")
+            if val_loader is not None and cfg.log.eval_steps:
+                log.log(
+                    {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "eval_loss": evaluate(model, val_loader, device),
+                    }
+                )
+            if c.save_final:
+                export_hf(model, out / "final", tokenizer=tokenizer, dtype=DTYPES[c.final_dtype])
+                log.write(f"exported {out / 'final'}")
+    finally:
+        stop.restore()
+        log.close()
+    return {
+        "steps": step, "losses": losses, "skipped": skipped, "stopped": stopped, "model": model,
+        "wall_s": time.perf_counter() - t_start,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    try:
+        cfg = parse_config(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 143 if summary["stopped"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""In-process (1-rank) runs of engine.train shared by several assertions: resume after a save and after
+SIGTERM, HF export vs transformers, skip-on-NaN, clear errors."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import pytest
+import torch
+from train_testlib import base_args, load_final, make_dataset, run_inprocess, train_steps
+
+import engine.train as train_mod
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+PROBE_IDS = torch.tensor([[257, 72, 101, 108, 108, 111, 258, 10, 257, 33, 34, 35, 36, 37]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(PROBE_IDS).float().clone()
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    """4 steps, checkpoint at 2 and 4, fp32 HF export, logits of the trained model."""
+    out = tmp_path_factory.mktemp("baseline")
+    args = base_args(data, out, save_steps=2, save_final=True, final_dtype="float32")
+    summary = run_inprocess(args, probe=_logits)
+    return out, summary
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path):
+    out_a, a = baseline
+    assert (out_a / "checkpoint-2").is_dir() and (out_a / "checkpoint-4").is_dir()
+    assert not list(out_a.glob("*.tmp"))
+    b = run_inprocess(base_args(data, tmp_path, resume_from_checkpoint=out_a / "checkpoint-2", save_final=True,
+                                final_dtype="float32"))  # fmt: skip
+    steps_a, steps_b = train_steps(out_a), train_steps(tmp_path)
+    assert [r["step"] for r in steps_b] == [3, 4]
+    for ra, rb in zip(steps_a[2:], steps_b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), (ra, rb)
+        assert rb["lr"] == ra["lr"] and rb["num_tokens"] == ra["num_tokens"]
+    wa, wb = load_final(out_a), load_final(tmp_path)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
+    assert b["steps"] == 4
+
+
+def test_sigterm_saves_and_resume_continues(data, baseline, tmp_path):
+    out_a, _ = baseline
+
+    def kill_at_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    s = run_inprocess(base_args(data, tmp_path), on_step=kill_at_2)
+    assert s["stopped"] and s["steps"] == 2
+    assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "final").exists()
+    r = run_inprocess(
+        base_args(data, tmp_path, resume_from_checkpoint="latest", save_final=True, final_dtype="float32")
+    )
+    assert not r["stopped"]
+    steps = train_steps(tmp_path)
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]  # metrics.jsonl reads as one run
+    for ra, rb in zip(train_steps(out_a), steps):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)
+    wa, wb = load_final(out_a), load_final(tmp_path)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
+
+
+def test_loss_falls_and_metrics_lines(baseline):
+    out, summary = baseline
+    steps = train_steps(out)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in ("epoch", "loss", "lr", "grad_norm", "num_tokens", "tokens_per_s", "max_memory_gb"):
+            assert key in r
+    assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(3e-3)  # 1 warmup step, then cosine
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_export_loads_in_transformers_with_same_logits(baseline):
+    transformers = pytest.importorskip("transformers")
+    out, summary = baseline
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "final"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(PROBE_IDS).logits.float()
+    torch.testing.assert_close(logits, summary["probe"], rtol=1e-4, atol=1e-4)
+    assert (out / "final" / "tokenizer.json").is_file() or (out / "final" / "tokenizer_config.json").is_file()
+
+
+def _nan_loss_on(calls: set[int] | None, build):
+    """Wrap build_sharded_model: the loss of the given micro-batch calls (0-based) becomes NaN (all if None)."""
+
+    @functools.wraps(build)
+    def wrapped(cfg, info):
+        model = build(cfg, info)
+        inner, count = model.loss_fn, [0]
+
+        def loss_fn(*a, **k):
+            i = count[0]
+            count[0] += 1
+            loss = inner(*a, **k)
+            return loss * float("nan") if calls is None or i in calls else loss
+
+        model.loss_fn = loss_fn
+        return model
+
+    return wrapped
+
+
+def test_nonfinite_step_is_skipped(data, tmp_path, monkeypatch):
+    # accumulation 4: step 2 = micro-batch calls 4..7; only call 5 is NaN
+    monkeypatch.setattr(train_mod, "build_sharded_model", _nan_loss_on({5}, train_mod.build_sharded_model))
+    weights = {}
+
+    def snap(step, record):
+        p = dict(s_model[0].named_parameters())["model.norm.weight"]
+        weights[step] = p.full_tensor().clone()
+
+    s_model = []
+    orig = train_mod.build_sharded_model
+    monkeypatch.setattr(
+        train_mod, "build_sharded_model", lambda cfg, info: s_model.append(orig(cfg, info)) or s_model[0]
+    )
+    s = run_inprocess(base_args(data, tmp_path, max_steps=3), on_step=snap)
+    steps = train_steps(tmp_path)
+    assert s["skipped"] == 1 and steps[1].get("skipped") and not steps[2].get("skipped")
+    assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[2], weights[3])
+
+
+def test_abort_after_nonfinite_steps_in_a_row(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "build_sharded_model", _nan_loss_on(None, train_mod.build_sharded_model))
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        run_inprocess(base_args(data, tmp_path, max_nonfinite_steps=2))
+
+
+def test_dataset_too_small_is_a_clear_error(tmp_path):
+    small = make_dataset(tmp_path / "small.jsonl", n=2)
+    with pytest.raises(ValueError, match="too small for one optimizer step"):
+        run_inprocess(base_args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
+
+
+def test_main_reports_config_errors(tmp_path, capsys):
+    from engine.train import main
+
+    assert main(["--dataset", "x.jsonl", "--learning_rate", "fast"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: x.jsonl\nlearnin_rate: 1e-5\n")
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "learnin_rate" in err and str(bad) in err
