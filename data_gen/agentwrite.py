@@ -1,0 +1,441 @@
+"""AgentWrite (LongWriter, Bai et al. 2024): long responses written as a plan, then one paragraph at a time.
+
+    python -m data_gen.agentwrite --input instructions.jsonl --output data.jsonl \\
+        --model NAME --base_url URL [--api_key KEY | env OPENAI_API_KEY] --concurrency N
+
+Per item: (1) ask for a plan, one line per paragraph with its main point and word count, sized to the
+required length; (2) for each paragraph in order, send the instruction, the whole plan, the text so far
+and the paragraph to write; the response is the paragraphs joined by blank lines.
+
+Items run concurrently (one asyncio semaphore slot per item), the paragraphs of an item sequentially.
+Every answer is appended to a sidecar `<output>.progress.jsonl` (fsync'd) before it is used, so a
+killed run loses no answered request: a rerun asks nothing already answered and skips finished items.
+The output is rewritten atomically (tmp + rename) in input order at the end of every run (also on
+Ctrl-C). Failed items go to `<output>.failures.jsonl` with their reason, never into the data; they are
+tried again by the next run, reusing whatever they had already got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_gen.filters import required_length
+from data_gen.length import count_words
+from data_gen.llm import LLMClient, LLMError
+from data_gen.plan import (
+    MAX_PARAGRAPHS,
+    PlanError,
+    PlanStep,
+    fill_word_counts,
+    parse_plan,
+    render_plan,
+    render_step,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+def load_prompt(name: str) -> str:
+    return resources.files("data_gen").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute {name} fields in one pass, so braces inside the values (an instruction quoting
+    code, a paragraph containing "{plan}") are never touched."""
+    return re.sub(
+        r"\{(\w+)\}", lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template
+    )
+
+
+def detect_language(text: str) -> str:
+    """ "zh" when CJK ideographs outnumber ASCII words, else "en"."""
+    cjk = len(re.findall(r"[\u4e00-\u9fff]", text))
+    words = len(re.findall(r"[A-Za-z]+", text))
+    return "zh" if cjk > words else "en"
+
+
+def _length_hint(length: int | None, lang: str) -> str:
+    if lang == "zh":
+        if length is None:
+            return "请根据任务需要确定全文的总字数，并据此分配各段字数。"
+        return f"全文总长度要求约为{length}字，各段字数之和应大致等于{length}字。"
+    if length is None:
+        return "Pick a total length that suits the task and share it out among the paragraphs."
+    return f"The finished text should be about {length} words long: the paragraph word counts should add up to about {length}."
+
+
+def plan_messages(item: Item, max_paragraphs: int) -> list[dict]:
+    content = fill(
+        load_prompt(f"plan_{item.lang}"),
+        instruction=item.prompt,
+        length_hint=_length_hint(item.length, item.lang),
+        max_paragraphs=str(max_paragraphs),
+    )
+    return [{"role": "user", "content": content}]
+
+
+def write_messages(item: Item, steps: list[PlanStep], written: list[str], i: int) -> list[dict]:
+    so_far = "\n\n".join(written) if written else ("（尚未开始）" if item.lang == "zh" else "(nothing yet)")
+    content = fill(
+        load_prompt(f"write_{item.lang}"),
+        instruction=item.prompt,
+        plan=render_plan(steps, item.lang),
+        written=so_far,
+        step=render_step(i + 1, steps[i], item.lang),
+    )
+    return [{"role": "user", "content": content}]
+
+
+# ---------------------------------------------------------------------------------------------
+# items and the progress sidecar
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Item:
+    index: int
+    id: str
+    prompt: str
+    length: int | None
+    lang: str
+
+    @property
+    def key(self) -> str:
+        # The prompt's hash is part of the key: an edited prompt under an old id starts afresh.
+        return f"{self.id}|{hashlib.sha1(self.prompt.encode()).hexdigest()[:12]}"
+
+
+def read_items(path: str | os.PathLike) -> list[Item]:
+    items: list[Item] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            prompt = row.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{path}:{lineno}: row without a non-empty string 'prompt'")
+            if row.get("id") is not None:
+                id_ = str(row["id"])
+                if id_ in seen:
+                    raise ValueError(f"{path}:{lineno}: duplicate id {id_!r}")
+            else:  # stable across reruns: derived from the prompt (and its repeat count)
+                base = hashlib.sha1(prompt.encode()).hexdigest()[:16]
+                id_, k = base, 1
+                while id_ in seen:
+                    id_, k = f"{base}-{k}", k + 1
+            seen.add(id_)
+            length = row.get("length")
+            length = int(length) if length is not None else required_length(prompt)
+            items.append(Item(len(items), id_, prompt, length, detect_language(prompt)))
+    return items
+
+
+@dataclass
+class ItemState:
+    steps: list[PlanStep] | None = None
+    paragraphs: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.steps is not None and all(i in self.paragraphs for i in range(len(self.steps)))
+
+    def response(self) -> str:
+        assert self.steps is not None
+        return "\n\n".join(self.paragraphs[i] for i in range(len(self.steps)))
+
+
+class Progress:
+    """Append-only JSONL of every answer: {"key", "kind": "plan", "steps": [[main_point, words], ...]}
+    and {"key", "kind": "paragraph", "i", "text"}. Each line is flushed and fsync'd before use."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.states: dict[str, ItemState] = {}
+        if self.path.exists():
+            self._load()
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                state = self.states.setdefault(rec["key"], ItemState())
+                if rec["kind"] == "plan":
+                    state.steps = [PlanStep(m, w) for m, w in rec["steps"]]
+                elif rec["kind"] == "paragraph":
+                    state.paragraphs[int(rec["i"])] = rec["text"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                # A run killed mid-write leaves at most one torn last line; that answer is asked again.
+                log.warning("%s:%d: skipping unreadable progress line", self.path, lineno)
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "ab") as f:
+                f.write(b"\n")  # the next record must start on a line of its own
+
+    def state(self, key: str) -> ItemState:
+        return self.states.setdefault(key, ItemState())
+
+    def _append(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def add_plan(self, key: str, steps: list[PlanStep]) -> None:
+        self._append({"key": key, "kind": "plan", "steps": [[s.main_point, s.words] for s in steps]})
+        self.state(key).steps = steps
+
+    def add_paragraph(self, key: str, i: int, text: str) -> None:
+        self._append({"key": key, "kind": "paragraph", "i": i, "text": text})
+        self.state(key).paragraphs[i] = text
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+class ItemFailed(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass
+class Summary:
+    done: int = 0  # finished in this run
+    failed: int = 0
+    skipped: int = 0  # already finished by an earlier run
+    usage: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        u = self.usage
+        return (
+            f"agentwrite: done {self.done} / failed {self.failed} / skipped {self.skipped} | "
+            f"tokens: prompt {u.get('prompt_tokens', 0)}, completion {u.get('completion_tokens', 0)} | "
+            f"requests {u.get('requests', 0)}, retries {u.get('retries', 0)}"
+        )
+
+
+@dataclass
+class GenConfig:
+    concurrency: int = 8
+    temperature: float | None = None
+    max_tokens: int | None = None
+    plan_attempts: int = 3  # an unparsable plan (or an empty paragraph) is asked again this many times in all
+    max_paragraphs: int = MAX_PARAGRAPHS
+
+
+async def _plan(client: LLMClient, item: Item, cfg: GenConfig) -> list[PlanStep]:
+    last = ""
+    for _ in range(cfg.plan_attempts):
+        comp = await client.chat(
+            plan_messages(item, cfg.max_paragraphs), temperature=cfg.temperature, max_tokens=cfg.max_tokens
+        )
+        try:
+            return fill_word_counts(parse_plan(comp.text, cfg.max_paragraphs), item.length)
+        except PlanError as e:
+            last = str(e)
+            log.warning("item %s: unusable plan (%s); asking again", item.id, last[:120])
+    raise ItemFailed("parse", f"no usable plan after {cfg.plan_attempts} attempts: {last}")
+
+
+async def _paragraph(
+    client: LLMClient, item: Item, steps: list[PlanStep], written: list[str], i: int, cfg
+) -> str:
+    for _ in range(cfg.plan_attempts):
+        comp = await client.chat(
+            write_messages(item, steps, written, i), temperature=cfg.temperature, max_tokens=cfg.max_tokens
+        )
+        if comp.text.strip():
+            return comp.text.strip()
+        log.warning("item %s paragraph %d: empty answer; asking again", item.id, i + 1)
+    raise ItemFailed("parse", f"paragraph {i + 1}: empty answer after {cfg.plan_attempts} attempts")
+
+
+async def generate_item(
+    client: LLMClient, item: Item, progress: Progress, cfg: GenConfig, on_paragraph: Callable[[int], None]
+) -> str:
+    state = progress.state(item.key)
+    if state.steps is None:
+        progress.add_plan(item.key, await _plan(client, item, cfg))
+    steps = state.steps
+    assert steps is not None
+    on_paragraph(-len(steps))  # announce the paragraphs of this item to the progress bar
+    on_paragraph(len(state.paragraphs))
+    for i in range(len(steps)):
+        if i in state.paragraphs:
+            continue
+        written = [state.paragraphs[j] for j in range(i)]
+        progress.add_paragraph(item.key, i, await _paragraph(client, item, steps, written, i, cfg))
+        on_paragraph(1)
+    return state.response()
+
+
+def output_row(item: Item, response: str) -> dict:
+    return {
+        "id": item.id,
+        "messages": [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": response}],
+        "length": item.length,
+        "response_length": count_words(response),
+    }
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+async def run(
+    items: list[Item],
+    client: LLMClient,
+    output: str | os.PathLike,
+    *,
+    cfg: GenConfig | None = None,
+    progress_path: str | os.PathLike | None = None,
+    failures_path: str | os.PathLike | None = None,
+) -> Summary:
+    """Generate every item not finished yet; write output rows (input order) and the failures file."""
+    cfg = cfg or GenConfig()
+    if cfg.concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {cfg.concurrency}")
+    output = Path(output)
+    progress = Progress(progress_path or output.with_name(output.name + ".progress.jsonl"))
+    failures_path = Path(failures_path or output.with_name(output.name + ".failures.jsonl"))
+    summary = Summary()
+    failures: list[dict] = []
+    todo = [it for it in items if not progress.state(it.key).finished]
+    summary.skipped = len(items) - len(todo)
+    sem = asyncio.Semaphore(cfg.concurrency)
+    bar_items = tqdm(total=len(items), initial=summary.skipped, desc="items", position=0, disable=None)
+    bar_paras = tqdm(total=0, desc="paragraphs", unit="para", position=1, disable=None)
+
+    def on_paragraph(n: int) -> None:
+        if n < 0:
+            bar_paras.total += -n
+            bar_paras.refresh()
+        elif n:
+            bar_paras.update(n)
+
+    async def one(item: Item) -> None:
+        async with sem:
+            try:
+                await generate_item(client, item, progress, cfg, on_paragraph)
+                summary.done += 1
+            except (LLMError, ItemFailed) as e:
+                failures.append(_failure(item, e.kind, str(e)))
+            except Exception as e:  # a bug or an odd server answer: isolate it to this item
+                log.exception("item %s failed unexpectedly", item.id)
+                failures.append(_failure(item, "other", f"{type(e).__name__}: {e}"))
+            finally:
+                bar_items.update(1)
+
+    try:
+        await asyncio.gather(*(one(it) for it in todo))
+    finally:
+        # Also on cancellation / Ctrl-C: every finished item (this run or earlier) lands in the output.
+        rows = [
+            output_row(it, progress.state(it.key).response())
+            for it in items
+            if progress.state(it.key).finished
+        ]
+        _write_jsonl_atomic(output, rows)
+        failures.sort(key=lambda r: r["index"])
+        _write_jsonl_atomic(failures_path, failures)
+        progress.close()
+        bar_paras.close()
+        bar_items.close()
+        summary.failed = len(failures)
+        summary.usage = dict(client.usage)
+    return summary
+
+
+def _failure(item: Item, kind: str, reason: str) -> dict:
+    return {"index": item.index, "id": item.id, "prompt": item.prompt, "kind": kind, "reason": reason}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_gen.agentwrite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help='JSONL rows {"prompt", optional "id", "length"}')
+    p.add_argument("--output", required=True, help="LongWriter-format JSONL, rewritten in input order")
+    p.add_argument("--model", required=True)
+    p.add_argument("--base_url", default=None, help="e.g. http://localhost:8000/v1 (default: OpenAI)")
+    p.add_argument("--api_key", default=None, help="default: env OPENAI_API_KEY, else 'EMPTY'")
+    p.add_argument("--concurrency", type=int, default=8, help="items in flight")
+    p.add_argument("--max_retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--backoff_base", type=float, default=1.0)
+    p.add_argument("--backoff_max", type=float, default=60.0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max_tokens", type=int, default=None, help="per request (plan or paragraph)")
+    p.add_argument(
+        "--plan_attempts", type=int, default=3, help="asks for an unparsable plan / empty paragraph"
+    )
+    p.add_argument("--max_paragraphs", type=int, default=MAX_PARAGRAPHS)
+    p.add_argument("--progress", default=None, help="sidecar (default <output>.progress.jsonl)")
+    p.add_argument("--failures", default=None, help="default <output>.failures.jsonl")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    items = read_items(args.input)
+    client = LLMClient(
+        args.model,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+    )
+    cfg = GenConfig(
+        concurrency=args.concurrency,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        plan_attempts=args.plan_attempts,
+        max_paragraphs=args.max_paragraphs,
+    )
+
+    async def go() -> Summary:
+        try:
+            return await run(
+                items, client, args.output, cfg=cfg, progress_path=args.progress, failures_path=args.failures
+            )
+        finally:
+            await client.aclose()
+
+    summary = asyncio.run(go())
+    print(summary.line(), flush=True)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
