@@ -158,8 +158,12 @@ def _dw_kernel(
     tl.store(ptrs, acc, mask=mask)
 
 
+# triton.jit decides at decoration time whether a kernel is interpreted, so the mode is fixed at import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _check_device(t: torch.Tensor) -> None:

@@ -1,0 +1,145 @@
+"""The PyTorch twin (impl="torch") against the fp64 definition, plus API behaviour shared by both impls."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from long_ce_testlib import check_against_fp64, loss_and_grads, make_inputs
+
+import kernels
+from kernels import LinearCrossEntropy, linear_cross_entropy, naive_linear_cross_entropy
+from kernels.long_ce_chunked import chunk_rows
+
+SHAPES = [(1, 1, 2), (37, 31, 123), (252, 123, 507)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_twin_matches_fp64(shape, dtype, reduction):
+    n, h, v = shape
+    hidden, weight, labels, _ = make_inputs(n, h, v, dtype, seed=n + v)
+    # A small chunk_bytes forces several chunks (and a ragged last one) at every shape.
+    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction=reduction, chunk_bytes=7 * v * 4)
+
+
+OPTIONS = [
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=3.0),
+    dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0, reduction="mean"),
+    dict(ignore_index=7),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", OPTIONS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_twin_options(dtype, kw):
+    hidden, weight, labels, bias = make_inputs(
+        61, 40, 203, dtype, seed=3, bias=True, ignore_index=kw.get("ignore_index", -100)
+    )
+    check_against_fp64(hidden, weight, labels, bias, impl="torch", chunk_bytes=16 * 203 * 4, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_twin_peaked(dtype):
+    hidden, weight, labels, _ = make_inputs(64, 48, 300, dtype, seed=5, peaked=True, ignore_frac=0.0)
+    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_every_label_ignored(reduction):
+    hidden, weight, labels, _ = make_inputs(9, 8, 20, torch.float32, ignore_frac=1.0)
+    assert (labels == -100).all()
+    ours = loss_and_grads(linear_cross_entropy, hidden, weight, labels, None, 2.0, reduction=reduction)
+    ref = loss_and_grads(naive_linear_cross_entropy, hidden, weight, labels, None, 2.0, reduction=reduction)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, equal_nan=True)
+    assert all((g == 0).all() for g in ours[1:])
+
+
+def test_non_contiguous_inputs():
+    hidden, weight, labels, bias = make_inputs(40, 24, 90, torch.float32, bias=True)
+    hidden_nc = torch.cat([hidden, hidden], 1)[:, ::2]  # stride (48, 2)
+    weight_nc = weight.T.contiguous().T  # stride (1, 90)
+    labels_nc = torch.stack([labels, labels], 1)[:, 0]
+    assert not (hidden_nc.is_contiguous() or weight_nc.is_contiguous() or labels_nc.is_contiguous())
+    check_against_fp64(hidden_nc, weight_nc, labels_nc, bias, impl="torch", chunk_bytes=9 * 90 * 4)
+
+
+def test_grad_flags_and_scaling():
+    hidden, weight, labels, bias = make_inputs(30, 16, 50, torch.float32, bias=True)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy(hidden, w, labels, bias=bias)  # only the weight requires grad
+    (loss * 3).backward()
+    w_ref = weight.clone().requires_grad_()
+    (naive_linear_cross_entropy(hidden, w_ref, labels, bias=bias) * 3).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient work at all
+        torch.testing.assert_close(
+            linear_cross_entropy(hidden, w, labels), naive_linear_cross_entropy(hidden, w, labels)
+        )
+
+
+def test_deterministic_bitwise():
+    hidden, weight, labels, bias = make_inputs(70, 32, 130, torch.float32, bias=True)
+    a = loss_and_grads(linear_cross_entropy, hidden, weight, labels, bias, 1.0, chunk_bytes=3000)
+    b = loss_and_grads(linear_cross_entropy, hidden, weight, labels, bias, 1.0, chunk_bytes=3000)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_second_backward_raises():
+    hidden, weight, labels, _ = make_inputs(8, 8, 16, torch.float32)
+    w = weight.clone().requires_grad_()
+    loss = linear_cross_entropy(hidden, w, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("bad", [-1, 20, 10**6])
+def test_out_of_range_labels_raise(bad):
+    hidden, weight, labels, _ = make_inputs(8, 8, 20, torch.float32)
+    labels[3] = bad
+    with pytest.raises(ValueError, match="labels must be in"):
+        linear_cross_entropy(hidden, weight, labels)
+    # Without the (syncing) check: no crash, the bad row poisons the loss.
+    assert torch.isnan(linear_cross_entropy(hidden, weight, labels, check_labels=False))
+
+
+def test_bad_arguments():
+    hidden, weight, labels, _ = make_inputs(8, 8, 20, torch.float32)
+    for kw in [dict(reduction="avg"), dict(impl="cuda"), dict(label_smoothing=2.0), dict(softcap=0.0)]:
+        with pytest.raises(ValueError):
+            linear_cross_entropy(hidden, weight, labels, **kw)
+    with pytest.raises(ValueError, match="share a dtype"):
+        linear_cross_entropy(hidden, weight.double(), labels)
+    with pytest.raises(ValueError, match="shape"):
+        linear_cross_entropy(hidden, weight[:, :4], labels)
+    with pytest.raises(ValueError, match="triton"):
+        linear_cross_entropy(hidden, weight, labels, impl="triton")  # CPU tensors, no interpreter
+
+
+def test_module_wrapper():
+    hidden, weight, labels, _ = make_inputs(12, 8, 30, torch.float32)
+    mod = LinearCrossEntropy(reduction="mean", label_smoothing=0.1)
+    assert "mean" in repr(mod)
+    torch.testing.assert_close(
+        mod(hidden, weight, labels),
+        naive_linear_cross_entropy(hidden, weight, labels, reduction="mean", label_smoothing=0.1),
+    )
+
+
+def test_chunk_rows():
+    assert chunk_rows(10, 100, 4, 1) == 1
+    assert chunk_rows(10_000, 1000, 4, 4 * 1000 * 300) == 256  # multiple of 64 once >= 128
+    assert chunk_rows(5, 1000, 4, 10**9) == 5
+
+
+def test_import_does_not_need_triton():
+    code = "import sys, kernels; assert 'triton' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert kernels.linear_cross_entropy is linear_cross_entropy
