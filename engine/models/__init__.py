@@ -4,7 +4,8 @@ KV-cache generation. Model code only: distribution, checkpointing policy and los
 from engine.models.args import FLAVOURS, ModelArgs, resolve_args
 from engine.models.attention import ATTN_IMPLS
 from engine.models.generate import generate
-from engine.models.hf_io import iter_checkpoint, load_pretrained, load_weights_, read_config, save_pretrained
+from engine.models.hf_config import read_config
+from engine.models.hf_io import iter_checkpoint, load_pretrained, load_weights_, save_pretrained
 from engine.models.model import CausalLM, build_model, default_loss_fn, init_module_weights
 
 __all__ = [

@@ -6,7 +6,7 @@ import torch
 import transformers as tf
 
 from engine.models import CausalLM, build_model
-from engine.models.hf_io import args_from_config
+from engine.models.hf_config import args_from_config
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
