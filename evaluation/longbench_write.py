@@ -59,7 +59,7 @@ DEFAULTS: dict = {
     "retry_backoff": 1.0,
     "engine_checkpoint": None,
     "device": None,
-    "dtype": "float32",
+    "dtype": None,
     "seed": 42,
 }
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--retry_backoff", type=float, help="backoff base in seconds (default 1.0)")
     a("--engine_checkpoint", help="generate with engine.models from this checkpoint instead of --base_url")
     a("--device", help="device for --engine_checkpoint (default: cuda if available, else cpu)")
-    a("--dtype", help="dtype for --engine_checkpoint (default float32)")
+    a("--dtype", help="dtype for --engine_checkpoint (default bfloat16 on cuda, else float32)")
     a("--seed", type=int, help="sampling seed base for --engine_checkpoint (default 42)")
     return p
 
@@ -238,6 +238,7 @@ def run(cfg: dict) -> dict:
         if cfg["engine_checkpoint"]:
             import torch
 
+            device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
             stats["infer"] = run_infer_engine(
                 items,
                 pred_path,
@@ -245,8 +246,8 @@ def run(cfg: dict) -> dict:
                 max_new_tokens=cfg["max_new_tokens"],
                 temperature=cfg["temperature"],
                 top_p=cfg["top_p"] if cfg["top_p"] is not None else 1.0,
-                device=cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"),
-                dtype=cfg["dtype"],
+                device=device,
+                dtype=cfg["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"),
                 seed=cfg["seed"],
             )
         else:

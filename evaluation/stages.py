@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,27 @@ def _check_same_input(existing: dict[int, dict], items: list[dict], path: str) -
                 f"{path} holds a different prompt for idx {idx}: it was written for another input file; "
                 "use a fresh --output_dir"
             )
+
+
+_CTX_RE = re.compile(r"maximum context length is (\d+)")
+_PROMPT_RE = re.compile(
+    r"(\d+) in the messages|request has (\d+) input tokens|prompt contains at least (\d+) input tokens"
+)
+
+
+def fit_max_tokens(error_message: str, max_tokens: int) -> int | None:
+    """The largest max_tokens a server's context-length 400 leaves room for, or None if it does not say.
+
+    vLLM rejects prompt + max_tokens > max_model_len instead of stopping at the limit, so "--max_new_tokens
+    32768" against a 32k-context server would fail every prompt; HF generate (the official pred.py) just
+    stops there. Both vLLM message styles are understood ("... (132 in the messages, 32768 in the
+    completion)" and "... your request has 2778 input tokens (8000 > 4096 - 2778)").
+    """
+    ctx, prompt = _CTX_RE.search(error_message), _PROMPT_RE.search(error_message)
+    if ctx is None or prompt is None:
+        return None
+    room = int(ctx.group(1)) - int(next(g for g in prompt.groups() if g is not None))
+    return room if 0 < room < max_tokens else None
 
 
 def _pred_row(item: dict, text: str, finish_reason: str | None, completion_tokens: int) -> dict:
@@ -74,20 +96,36 @@ async def run_infer_openai(
 
         async def one(item: dict) -> None:
             async with sem:
-                try:
-                    c = await client.chat(
-                        [{"role": "user", "content": item["prompt"]}],
-                        temperature=temperature,
-                        max_tokens=max_new_tokens,
-                        top_p=top_p,
-                        **(extra_body or {}),
-                    )
-                except LLMError as e:
-                    log.error("infer idx %s failed (%s): %s", item["idx"], e.kind, e)
-                    stats.failed.append({"idx": item["idx"], "kind": e.kind, "error": str(e)})
-                else:
-                    append_jsonl(f, _pred_row(item, c.text, c.finish_reason, c.completion_tokens))
-                    stats.done_now += 1
+                messages = [{"role": "user", "content": item["prompt"]}]
+                budget = max_new_tokens
+                for attempt in range(2):  # a second try only with a max_tokens that fits the server's context
+                    try:
+                        c = await client.chat(
+                            messages,
+                            temperature=temperature,
+                            max_tokens=budget,
+                            top_p=top_p,
+                            **(extra_body or {}),
+                        )
+                    except LLMError as e:
+                        fitted = (
+                            fit_max_tokens(str(e), budget)
+                            if e.kind == "bad_request" and attempt == 0
+                            else None
+                        )
+                        if fitted is not None:
+                            log.warning(
+                                "idx %s: max_tokens %d -> %d to fit the context", item["idx"], budget, fitted
+                            )
+                            budget = fitted
+                            continue
+                        log.error("infer idx %s failed (%s): %s", item["idx"], e.kind, e)
+                        stats.failed.append({"idx": item["idx"], "kind": e.kind, "error": str(e)})
+                    else:
+                        row = _pred_row(item, c.text, c.finish_reason, c.completion_tokens)
+                        append_jsonl(f, {**row, "max_tokens": budget})
+                        stats.done_now += 1
+                    break
                 bar.update(1)
 
         await asyncio.gather(*(one(it) for it in todo))
