@@ -55,16 +55,22 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
-    """`value` is a checkpoint directory, or "latest"/"auto" (newest in output_dir; None if there is none)."""
+    """`value`: a checkpoint directory; a run directory (its newest complete checkpoint-N); or "latest"/"auto"
+    (newest in output_dir, None when there is none yet: the run starts fresh)."""
     if value is None:
         return None
     if value in ("latest", "auto", "true", "True"):
         ckpts = list_checkpoints(output_dir)
         return ckpts[-1][1] if ckpts else None
     p = Path(value)
-    if not (p / ".metadata").is_file():
-        raise ValueError(f"resume_from_checkpoint: {value} is not a complete checkpoint (no .metadata)")
-    return p
+    if (p / ".metadata").is_file():
+        return p
+    ckpts = list_checkpoints(p)
+    if ckpts:
+        return ckpts[-1][1]
+    raise ValueError(
+        f"resume_from_checkpoint: {value} is neither a complete checkpoint nor a run directory with one"
+    )
 
 
 def rng_state(device: torch.device) -> dict:

@@ -1,0 +1,262 @@
+"""Unit tests of the trainer's pieces: config parsing, LR schedule, parameter groups, NEFTune, activation
+checkpointing, long-ce invariance to the micro-batch split, memory plan."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine.config import parse_config
+from engine.memory import plan_memory
+from engine.models import FLAVOURS, build_model
+from engine.optim import build_scheduler, lr_lambda, param_groups
+from engine.parallel import apply_activation_checkpointing, apply_neftune, doc_lengths, neftune_scale
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def pg():
+    """A 1-rank gloo group (forward_backward all-reduces its token counts)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ config
+def test_config_file_then_command_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "dataset: [a.jsonl, 'b.jsonl#5']\nlearning_rate: 1.0e-5\noptim:\n  warmup_ratio: 0.1\npacking: false\n"
+    )
+    cfg = parse_config(
+        ["--config", str(f), "--learning_rate", "2e-6", "--gradient_checkpointing", "--seed=7"]
+    )
+    assert cfg.data.dataset == ["a.jsonl", "b.jsonl#5"] and not cfg.data.packing
+    assert cfg.optim.learning_rate == 2e-6 and cfg.optim.warmup_ratio == 0.1
+    assert cfg.train.gradient_checkpointing and cfg.train.seed == 7
+    t = tmp_path / "c.toml"
+    t.write_text('dataset = ["a.jsonl"]\n[train]\nloss_name = "mean"\n')
+    assert parse_config(["--config", str(t)]).train.loss_name == "mean"
+
+
+@pytest.mark.parametrize(
+    "text, argv, match",
+    [
+        ("dataset: a\nlearnin_rate: 1\n", [], "unknown key 'learnin_rate' in config file"),
+        ("dataset: a\nbatch_size: 1.5\n", [], "'batch_size' .*config file"),
+        ("dataset: a\n", ["--loss_name", "ce"], "'loss_name'.*long-ce, mean"),
+        ("dataset: a\n", ["--warmup_ratio", "2"], "'warmup_ratio'"),
+        ("dataset: a\n", ["--no_such_flag", "1"], "unknown flag --no_such_flag"),
+        ("dataset: a\n", ["--gradient_checkpointing", "maybe"], "'gradient_checkpointing'"),
+        ("learning_rate: 1e-5\n", [], "'dataset'"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, argv, match):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        parse_config(["--config", str(f), *argv])
+
+
+def test_example_configs_parse():
+    files = sorted((REPO / "examples").glob("*.yaml")) + sorted((REPO / "examples").glob("*.toml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = parse_config(["--config", str(f)])
+        assert cfg.data.dataset
+    main = parse_config(["--config", str(REPO / "examples/longwriter_qwen2_7b.yaml")])
+    assert (main.data.max_length, main.optim.learning_rate, main.optim.warmup_ratio) == (28672, 1e-5, 0.1)
+    assert main.train.loss_name == "long-ce" and main.train.neftune_noise_alpha == 5
+    assert main.train.gradient_accumulation_steps == 64 and main.train.gradient_checkpointing
+    anneal = parse_config(["--config", str(REPO / "examples/longwriter_qwen2_7b_anneal.yaml")])
+    assert anneal.optim.learning_rate == 2e-6 and anneal.checkpoint.resume_only_model
+
+
+# ------------------------------------------------------------------ optimizer and schedule
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedule_matches_transformers(kind):
+    tf = pytest.importorskip("transformers")
+    total, ratio = 37, 0.1
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours = build_scheduler(torch.optim.SGD([p], lr=1.0), kind=kind, warmup_ratio=ratio, total_steps=total)
+    warm = math.ceil(ratio * total)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = tf.get_scheduler(kind if kind != "constant" else "constant_with_warmup", ref_opt, warm, total)
+    for _ in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        ours.optimizer.step(), ours.step(), ref_opt.step(), ref.step()
+    assert lr_lambda(0, kind="cosine", warmup_steps=4, total_steps=10) == 0.0
+    assert lr_lambda(4, kind="cosine", warmup_steps=4, total_steps=10) == 1.0
+
+
+def test_param_groups_follow_hf_trainer():
+    model = build_model("debug-qwen2", device="meta")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert all(n.endswith("bias") or "norm" in n for n in nd) and "model.norm.weight" in nd
+    assert "model.embed_tokens.weight" in d and "model.layers.0.self_attn.q_proj.weight" in d
+    assert not any(n.endswith("bias") or "norm" in n for n in d)
+    assert len(d) + len(nd) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ NEFTune
+@torch.no_grad()
+def test_neftune_scale_per_document():
+    torch.manual_seed(0)
+    model = build_model("debug-qwen2")
+    apply_neftune(model, alpha=5.0)
+    captured = {}
+    model.model.embed_tokens.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    lens = [10, 200, 46]  # one packed row of 3 documents, T = 256
+    ids = torch.randint(0, 256, (1, sum(lens)))
+    cu = torch.tensor([0, 10, 210, 256], dtype=torch.int32)
+    clean = model.model.embed_tokens.weight[ids]
+    model.train()
+    model(ids, cu_seqlens=cu, max_seqlen=200)
+    noise = (captured["x"] - clean)[0]  # (T, d)
+    d = model.args.hidden_size
+    start = 0
+    for n in lens:
+        bound = 5.0 / math.sqrt(n * d)
+        chunk = noise[start : start + n].abs()
+        assert chunk.max() <= bound * (1 + 1e-5) and chunk.max() > 0.9 * bound  # uniform(-s, s) of its own L
+        assert chunk.mean() == pytest.approx(bound / 2, rel=0.15)
+        start += n
+    model.eval()
+    model(ids, cu_seqlens=cu, max_seqlen=200)
+    torch.testing.assert_close(captured["x"], clean)  # training only
+    # position_ids give the same boundaries as cu_seqlens
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    assert doc_lengths((1, 256), position_ids=pos).tolist() == lens
+    assert neftune_scale(torch.tensor([4, 16]), 64, 5.0).shape == (20,)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+def _loss_and_grads(model, ids, labels):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad()
+    loss = model(ids, labels=labels)
+    with FlopCounterMode(display=False) as fc:
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, fc.get_total_flops()
+
+
+def test_activation_checkpointing_same_grads_and_recompute_flops():
+    torch.manual_seed(0)
+    ref = build_model("debug-qwen2")
+    ac = build_model("debug-qwen2")
+    ac.load_state_dict(ref.state_dict())
+    assert apply_activation_checkpointing(ac, every=1) == [0, 1]
+    ids = torch.randint(0, 256, (2, 64))
+    labels = torch.randint(0, 256, (2, 64))
+    l_ref, g_ref, f_ref = _loss_and_grads(ref, ids, labels)
+    l_ac, g_ac, f_ac = _loss_and_grads(ac, ids, labels)
+    assert torch.equal(l_ref, l_ac)
+    for n, g in g_ref.items():
+        torch.testing.assert_close(g_ac[n.replace("layers.0.", "layers.0._checkpoint_wrapped_module.").replace(
+            "layers.1.", "layers.1._checkpoint_wrapped_module.")], g, rtol=0, atol=0)  # fmt: skip
+    # backward now re-runs each block's forward: the extra FLOPs equal the blocks' forward FLOPs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        x = torch.randn(2, 64, ref.args.hidden_size)
+        for layer in ref.model.layers:
+            from engine.models.attention import make_attn_meta
+            from engine.models.layers import rotary_cos_sin
+
+            a = ref.args
+            rope = rotary_cos_sin(
+                torch.arange(64).expand(2, 64), a.rotary_dim, a.rope_theta, a.rope_layout, x.dtype
+            )
+            layer(x, rope, make_attn_meta(ref.attn_impl, x.device, x.dtype, 2, 64, None, None))
+    # non-reentrant checkpoint stops recomputing once the last tensor backward needs is back (early stop), so
+    # the final down_proj of each block is not redone: 3/4 of these blocks' matmul FLOPs < extra <= all of them
+    extra, fwd = f_ac - f_ref, fc.get_total_flops()
+    assert 0.75 * fwd <= extra <= fwd
+    # every 2nd block: only block 0 is wrapped, half the recompute
+    half = build_model("debug-qwen2")
+    half.load_state_dict(ref.state_dict())
+    assert apply_activation_checkpointing(half, every=2) == [0]
+    assert _loss_and_grads(half, ids, labels)[2] - f_ref == extra // 2
+
+
+# ------------------------------------------------------------------ long-ce invariance
+def _micro(docs_per_row, seed=0):
+    from engine.data import collate_rows
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lens in docs_per_row:
+        row = []
+        for n in lens:
+            ids = torch.randint(0, 256, (n,), generator=g).numpy()
+            lab = ids.copy()
+            lab[: n // 3] = -100  # a prompt part without targets
+            row.append((ids, lab))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("loss_name", ["long-ce", "mean"])
+def test_long_ce_invariant_to_micro_batch_split(pg, loss_name):
+    from engine.data import collate_rows
+    from engine.train import forward_backward
+
+    torch.manual_seed(0)
+    model = build_model("debug-qwen2")
+    rows = _micro([[5, 30], [80], [3, 3, 9], [40, 41]])  # very different target counts per row
+
+    def run(split):
+        model.zero_grad()
+        mbs = [collate_rows(rows[i : i + split], pad_token_id=0) for i in range(0, 4, split)]
+        out = forward_backward(model, mbs, loss_name=loss_name, device=torch.device("cpu"))
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (o1, g1), (o4, g4) = run(4), run(1)
+    assert o1["num_tokens"] == o4["num_tokens"] > 0
+    same = all(torch.allclose(g1[n], g4[n], rtol=1e-5, atol=1e-7) for n in g1)
+    if loss_name == "long-ce":
+        assert o4["loss"] == pytest.approx(o1["loss"], rel=1e-6) and same
+        # and it is the token mean of the whole batch
+        big = collate_rows(rows, pad_token_id=0)
+        with torch.no_grad():
+            ref = model(
+                big["input_ids"],
+                big["position_ids"],
+                big["cu_seqlens"],
+                big["max_seqlen"],
+                labels=big["labels"],
+            )
+        assert o1["loss"] == pytest.approx(ref.item() / big["num_target_tokens"], rel=1e-6)
+    else:  # the per-micro-batch mean weighs short rows' tokens more: the split changes the result
+        assert o4["loss"] != pytest.approx(o1["loss"], rel=1e-3) and not same
+
+
+# ------------------------------------------------------------------ memory plan
+def test_memory_plan_qwen2_7b_on_4_a100():
+    args = FLAVOURS["qwen2-7b"]
+    ac = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, gradient_checkpointing=True)
+    no_ac = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, gradient_checkpointing=False)
+    n = args.num_params()
+    assert ac.params == ac.grads == n * 4 / 4 and ac.optimizer == n * 8 / 4
+    assert 40 < ac.total / 2**30 < 80 < no_ac.total / 2**30
+    torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
+    assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
+    assert "total" in ac.format()
