@@ -86,12 +86,15 @@ def parse_chinese_number(s: str) -> int | None:
     number: float | None = None  # pending digit(s)
     last_unit = 0
     pending_from_numeral = False
+    zero_gap = False
     for tok in tokens:
         if tok[0].isdigit():
             if number is not None:
                 return None  # two numbers in a row
             number = float(tok.replace(",", ""))
             pending_from_numeral = False
+        elif tok in "零〇" and number is None and (section or total):
+            zero_gap = True  # "一千零五十": 零 only marks a skipped unit
         elif tok in _CN_DIGIT:
             if number is not None:
                 return None
@@ -112,7 +115,7 @@ def parse_chinese_number(s: str) -> int | None:
             return None
     if number is not None:
         # "三千五" means 3500: a lone trailing numeral counts in the next lower unit.
-        if pending_from_numeral and last_unit >= 100 and number < 10:
+        if pending_from_numeral and not zero_gap and last_unit >= 100 and number < 10:
             number *= last_unit // 10
         section += number
     value = total + section

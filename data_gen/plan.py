@@ -82,8 +82,9 @@ def _words_from(m: re.Match) -> int | None:
 
 def _clean(text: str) -> str:
     text = re.sub(r"[*_`]{2,}", "", text)  # markdown bold / italics markers
+    text = re.sub(r"[(（\[【]\s*[)）\]】]", "", text)  # what a removed "(400 words)" leaves behind
     text = re.sub(r"\s+", " ", text)
-    return text.strip(" \t-–—:：|,，;；*()（）[]【】")
+    return text.strip(" \t-–—:：|,，;；.、*")
 
 
 def _split_step(body: str) -> PlanStep:
