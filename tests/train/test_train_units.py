@@ -199,7 +199,6 @@ def test_activation_checkpointing_same_grads_and_recompute_flops():
 
 # ------------------------------------------------------------------ long-ce invariance
 def _micro(docs_per_row, seed=0):
-    from engine.data import collate_rows
 
     g = torch.Generator().manual_seed(seed)
     rows = []
