@@ -19,10 +19,14 @@ at step 0.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
-from engine.data.packing import collate_rows, pack_lengths
+from engine.data.packing import collate_rows, pack_lengths, packing_efficiency
+
+logger = logging.getLogger(__name__)
 
 FILLER = -1
 
@@ -119,7 +123,23 @@ class StepLoader:
                 perm = np.random.default_rng([self.seed, epoch, 0x5A3]).permutation(len(self.lengths))
                 plan = [[i] for i in perm.tolist()]
             self._cache = (epoch, plan)
+            logger.info(
+                "epoch %d: %d samples -> %d rows of <= %d tokens (packing efficiency %.4f), %d steps of %d rows",
+                epoch,
+                len(self.lengths),
+                len(plan),
+                self.max_length,
+                packing_efficiency(self.lengths, plan, self.max_length),
+                -(-len(plan) // self.global_batch),
+                self.global_batch,
+            )
         return self._cache[1]
+
+    def packing_efficiency(self, epoch: int | None = None) -> float:
+        """Real tokens / (rows x max_length) of the epoch's plan (filler rows not counted)."""
+        return packing_efficiency(
+            self.lengths, self._plan(self.epoch if epoch is None else epoch), self.max_length
+        )
 
     def _steps(self, epoch: int) -> list[list[list[int]]]:
         """Global rows of every step of the epoch (filler rows are [FILLER])."""

@@ -216,6 +216,7 @@ class TiktokenTokenizer(Tokenizer):
             special_tokens=self._special,
         )
         self._path = path
+        self._ranks = ranks
         self.template = "glm4"
         self.name = name or path
         self.eos_token_ids = _eos_for_template("glm4", self.token_id)
@@ -243,11 +244,51 @@ class TiktokenTokenizer(Tokenizer):
     def __setstate__(self, state):
         self.__init__(state["path"], name=state["name"])
 
+    def to_hf(self):
+        """The same tokenizer as a `tokenizers` byte-level BPE (what glm-4-9b-chat-hf ships)."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as RustTokenizer
+
+        b2u = bytes_to_unicode()
+
+        def as_str(b: bytes) -> str:
+            return "".join(b2u[x] for x in b)
+
+        # Merges in the order tiktoken applies them: by the rank of the merged token.
+        merges = []
+        for token, rank in self._ranks.items():
+            if len(token) < 2:
+                continue
+            pairs = [
+                (token[:k], token[k:])
+                for k in range(1, len(token))
+                if token[:k] in self._ranks and token[k:] in self._ranks
+            ]
+            pairs.sort(key=lambda p: (self._ranks[p[0]], self._ranks[p[1]]))
+            merges += [(rank, a, b) for a, b in pairs]
+        merges.sort(key=lambda m: m[0])
+        vocab = {as_str(t): r for t, r in self._ranks.items()}
+        bpe = models.BPE(
+            vocab=vocab, merges=[(as_str(a), as_str(b)) for _, a, b in merges], ignore_merges=True
+        )
+        tok = RustTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(GLM4_PAT_STR), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIAL_TOKENS])
+        return tok
+
     def save_pretrained(self, out_dir: str) -> None:
-        # Same files as THUDM/glm-4-9b-chat; AutoTokenizer needs its remote tokenization_chatglm.py.
+        # tokenizer.model as THUDM/glm-4-9b-chat ships it, plus an equivalent tokenizer.json that
+        # transformers' AutoTokenizer loads without remote code.
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(self._path, os.path.join(out_dir, "tokenizer.model"))
-        _write_hf_config(out_dir, self, tokenizer_class="ChatGLM4Tokenizer", base={})
+        self.to_hf().save(os.path.join(out_dir, "tokenizer.json"))
+        _write_hf_config(out_dir, self, tokenizer_class="PreTrainedTokenizerFast", base={})
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -70,6 +70,7 @@ def test_micro_batch_layout_and_filler_rows(ds):
             assert B == 2 and mb["cu_seqlens"][-1] == B * T and T <= 4096
             assert mb["num_target_tokens"] == int((mb["labels"] != -100).sum())
             assert mb["position_ids"].dtype == torch.long and mb["cu_seqlens"].dtype == torch.int32
+    assert 0.9 < ld.packing_efficiency() <= 1.0
     last = make(ds, 2, 2, batch=2, rank=1, max_length=4096, drop_last=True)
     assert len(last) == n_rows // 8
 

@@ -85,6 +85,24 @@ def test_glm4_tiktoken_tokenizer(tmp_path):
     assert pickle.loads(pickle.dumps(tok)).encode("Hello") == tok.encode("Hello")
 
 
+def test_glm4_tiktoken_saves_an_equivalent_tokenizer_json(tmp_path):
+    from transformers import AutoTokenizer
+
+    _write_fake_glm4_model(tmp_path / "tokenizer.model")
+    tok = load_tokenizer(str(tmp_path / "tokenizer.model"))
+    out = tmp_path / "saved"
+    tok.save_pretrained(str(out))
+    hf = AutoTokenizer.from_pretrained(str(out))
+    again = load_tokenizer(str(out))  # now the tokenizer.json
+    assert again.template == "glm4" and again.special_tokens == tok.special_tokens
+    assert again.eos_token_ids == tok.eos_token_ids
+    for text in [*TEXTS, "Hello hello HELLO llo 长长城\n\n\nHe's 12345 done!!"]:
+        ids = tok.encode(text)
+        assert again.encode(text) == ids
+        if "<|" not in text:  # transformers parses special-token text; our encode never does
+            assert hf.encode(text, add_special_tokens=False) == ids
+
+
 def test_sentencepiece_tokenizer(tmp_path):
     import sentencepiece as spm
 
@@ -112,3 +130,32 @@ def test_sentencepiece_tokenizer(tmp_path):
 def test_unknown_tokenizer_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         load_tokenizer("no-such-flavour")
+
+
+def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from engine.data.tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    rust = RustTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.save(str(tmp_path / "tokenizer.json"))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    config = {
+        "eos_token": "<|im_end|>",
+        "added_tokens_decoder": {
+            str(256 + i): {"content": t, "special": True} for i, t in enumerate(specials)
+        },
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256]}))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.template == "chatml"
+    assert [tok.token_id(t) for t in specials] == [256, 257, 258]
+    assert tok.eos_token_ids[0] == 258 and set(tok.eos_token_ids) == {256, 258}
+    assert tok.encode("<|im_end|>") == list(b"<|im_end|>")
