@@ -129,6 +129,10 @@ def load_task_cfg(path: str) -> dict:
         else:
             raise ValueError(f"task file must be .yaml, .yml or .json: {path}")
     infer = raw.get("infer_config") or {}
+    if infer.get("is_chat") is False:
+        raise ValueError(
+            "infer_config.is_chat = false (completions endpoint) is not supported; use a chat model"
+        )
     ev = raw.get("eval_config") or {}
     igen = infer.get("generation_kwargs") or raw.get("infer_generation_kwargs") or {}
     egen = ev.get("generation_kwargs") or raw.get("eval_generation_kwargs") or {}
@@ -197,7 +201,7 @@ async def _infer_openai(cfg: dict, items: list[dict], pred_path: str) -> StageSt
     if cfg["repetition_penalty"] != 1.0:  # 1.0 is every server's no-op; OpenAI itself rejects the field
         extra["repetition_penalty"] = cfg["repetition_penalty"]
     async with _client(cfg, cfg["model"], cfg["base_url"], cfg["api_key"]) as client:
-        return await run_infer_openai(
+        stats = await run_infer_openai(
             items,
             pred_path,
             client,
@@ -207,12 +211,14 @@ async def _infer_openai(cfg: dict, items: list[dict], pred_path: str) -> StageSt
             top_p=cfg["top_p"],
             extra_body=extra,
         )
+        stats.usage = dict(client.usage)
+        return stats
 
 
 async def _judge(cfg: dict, preds: list[dict], judge_path: str) -> StageStats:
     extra = {"stop": cfg["judge_stop"]} if cfg["judge_stop"] else {}
     async with _client(cfg, cfg["judge_model"], cfg["judge_base_url"], cfg["judge_api_key"]) as client:
-        return await run_judge(
+        stats = await run_judge(
             preds,
             judge_path,
             client,
@@ -223,6 +229,8 @@ async def _judge(cfg: dict, preds: list[dict], judge_path: str) -> StageStats:
             max_attempts=cfg["judge_attempts"],
             extra_body=extra,
         )
+        stats.usage = dict(client.usage)
+        return stats
 
 
 def run(cfg: dict) -> dict:

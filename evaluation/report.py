@@ -98,7 +98,7 @@ def markdown_report(results: dict) -> str:
     cols += [("mean output length", "mean_output_length")]
     cfg = results["config"]
     lines = [
-        f"# LongBench-Write evaluation: {cfg.get('model')}",
+        f"# {results['benchmark']}: {cfg.get('model')}",
         "",
         f"- input: `{cfg.get('input')}` ({results['n_prompts']} prompts, {results['n_predictions']} predictions,"
         f" {results['n_infer_failed']} failed)",

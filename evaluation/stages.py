@@ -29,6 +29,7 @@ class StageStats:
     done_now: int = 0
     failed: list[dict] = field(default_factory=list)  # {"idx", "kind", "error"}; retried on the next run
     seconds: float = 0.0
+    usage: dict = field(default_factory=dict)  # client token/request/retry totals, when a client was used
 
 
 def _check_same_input(existing: dict[int, dict], items: list[dict], path: str) -> None:
