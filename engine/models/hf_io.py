@@ -255,6 +255,14 @@ def save_pretrained(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {FORMATS}")
     state = state_dict if state_dict is not None else model.state_dict()
+    state = {_clean_name(k): v for k, v in state.items()}
+    expected = set(build_model(args, device="meta").state_dict())
+    if set(state) != expected:
+        bad = sorted(set(state) ^ expected)[0]
+        kind = "unexpected" if bad in state else "missing"
+        raise ValueError(f"save_pretrained: {kind} state_dict key {bad!r}")
+    if any(hasattr(v, "full_tensor") for v in state.values()):
+        raise ValueError("save_pretrained: state holds DTensors; pass state_dict= a gathered full state dict")
     dtype = dtype or next(iter(state.values())).dtype
     state = {k: v.detach().to(device="cpu", dtype=dtype) for k, v in state.items()}
     tensors = {k: v.contiguous() for k, v in export_state(state, args, fmt).items()}
@@ -305,6 +313,11 @@ def save_pretrained(
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clean_name(name: str) -> str:
+    # Wrappers applied from outside (activation checkpointing, torch.compile) may show up in names.
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -249,3 +249,18 @@ def test_listed_key_absent_from_shard_and_bad_format(tmp_path, sharded_ckpt):
         load_pretrained(sharded_ckpt)
     with pytest.raises(ValueError, match="cannot be saved as format 'chatglm'"):
         save_pretrained(build_model("debug-qwen2"), tmp_path / "x", format="chatglm")
+
+
+def test_save_accepts_wrapped_names_and_rejects_foreign_state(tmp_path):
+    model = build_model("debug-glm4")
+    state = {
+        k.replace("layers.0.", "layers.0._checkpoint_wrapped_module."): v
+        for k, v in model.state_dict().items()
+    }
+    save_pretrained(model, tmp_path / "a", state_dict=state)
+    assert torch.equal(load_pretrained(tmp_path / "a").model.layers[0].mlp.down_proj.weight,
+                       model.model.layers[0].mlp.down_proj.weight)  # fmt: skip
+    state.pop("model.norm.weight")
+    with pytest.raises(ValueError, match="missing state_dict key 'model.norm.weight'"):
+        save_pretrained(model, tmp_path / "b", state_dict=state)
+    assert not (tmp_path / "b").exists()
