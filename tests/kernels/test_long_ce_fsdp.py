@@ -1,0 +1,96 @@
+"""long-ce under FSDP2 on 2 gloo ranks: the loss is computed inside the forward of the module that owns the
+output weight (where FSDP has all-gathered it), and the gradients equal a single process's.
+
+Normalisation: every rank returns sum(token losses) / (all-reduced number of target tokens) and FSDP's
+gradient averaging is turned off (set_gradient_divide_factor(1.0) + set_force_sum_reduction_for_comms(True):
+the reduce-scatter is a plain SUM on NCCL and gloo alike; gloo would otherwise sum where NCCL averages,
+pytorch#162338), so the summed gradient is d(global sum / global count).
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from kernels import linear_cross_entropy
+
+V, H, B, T = 96, 16, 4, 10
+
+
+class LMHeadWithLoss(nn.Linear):
+    """lm_head as its own FSDP unit: its forward returns the loss, so the gather happens around it."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden, self.weight, labels, reduction="sum", impl="torch")
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.block = nn.Linear(H, H)
+        self.lm_head = LMHeadWithLoss(H, V, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.block(self.embed(ids)))  # (B, T, H)
+        return self.lm_head(hidden.flatten(0, 1), labels.flatten())
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = -100
+    labels[2:] = -100  # rank 1 gets few targets: uneven counts must still weigh every token the same
+    labels[3, 0] = 5
+    return ids, labels
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        ref = TinyLM()
+        model = TinyLM()
+        model.load_state_dict(ref.state_dict())
+        ids, labels = _batch()
+
+        # Single-process truth: global sum / global count over the whole batch.
+        ref_loss = ref(ids, labels) / (labels != -100).sum()
+        ref_loss.backward()
+
+        for module in (model.block, model.lm_head, model):
+            fully_shard(module)
+            # No averaging, and plain SUM collectives (a factor alone becomes PREMUL_SUM, which gloo lacks).
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+        rows = slice(rank * B // world, (rank + 1) * B // world)
+        count = (labels[rows] != -100).sum()  # this rank's targets
+        dist.all_reduce(count)  # global target-token count, the long-ce normaliser
+        loss = model(ids[rows], labels[rows]) / count
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.dist
+def test_fsdp2_gloo_gradients_equal_single_process():
+    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
