@@ -1,0 +1,51 @@
+"""summarize / markdown_report / plot_length on a hand-made run (empty outputs, partial judging)."""
+
+import pytest
+
+from evaluation.quality import DIMENSIONS
+from evaluation.report import markdown_report, plot_length, summarize
+
+
+def _pred(idx, length, response, lang):
+    return {"idx": idx, "prompt": f"p{idx}", "length": length, "response": response, "lang": lang}
+
+
+def test_summarize_groups_and_plots(tmp_path):
+    preds = [
+        _pred(0, 100, " ".join(["w"] * 100), "en"),  # S_l 100
+        _pred(1, 1000, "", "en"),  # empty output: S_l 0, no crash
+        _pred(2, 3000, "字" * 1500, "zh"),  # r/a = 2 -> 50
+        _pred(3, 5000, "字" * 8000, "zh"),  # a/r = 1.6 -> 80
+    ]
+    judged = {
+        0: {"scores": dict.fromkeys(DIMENSIONS, 5)},
+        2: {"scores": None},  # never parsed
+        3: {"scores": dict.fromkeys(DIMENSIONS, 3)},
+    }  # idx 1 not judged (transport failure)
+    s = summarize(preds, judged)
+    assert s["score_l"] == pytest.approx((100 + 0 + 50 + 80) / 4)
+    assert s["score_q"] == pytest.approx((100 + 50) / 2) and s["n_judged"] == 3 and s["n_judge_missing"] == 1
+    assert s["score"] == pytest.approx((s["score_l"] + s["score_q"]) / 2)
+    assert [g["n"] for g in s["by_bucket"].values()] == [1, 1, 1, 1]
+    assert s["by_language"]["zh"]["score_l"] == pytest.approx(65.0)
+    assert s["by_required_length"]["1000"]["mean_output_length"] == 0
+    assert summarize(preds, judged, missing="as_3")["score_q"] == pytest.approx((100 + 50 + 50) / 3)
+
+    results = {
+        "benchmark": "x.jsonl",
+        "config": {"model": "m"},
+        "n_prompts": 4,
+        "n_predictions": 4,
+        "n_infer_failed": 0,
+        "lang_source": "test",
+        "scores": s,
+    }
+    md = markdown_report(results)
+    assert "| all | 4 | 57.5 | 75.0 | 66.2 | 3 | 1 |" in md and "Reading Experience" in md
+    for path in plot_length(s, str(tmp_path)):
+        assert (tmp_path / path.split("/")[-1]).stat().st_size > 1000
+
+
+def test_summarize_without_judge_has_no_quality():
+    s = summarize([_pred(0, 100, "w " * 100, "en")], None)
+    assert "score_q" not in s and "score" not in s and s["score_l"] == 100
