@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,22 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype) -> st
 class AttnMeta:
     """Per-forward attention metadata, built once by the model and shared by every block."""
 
-    impl: str  # resolved: "flash" | "varlen" | "sdpa"
+    impl: str  # as requested ("auto" is resolved per call from the dtype/device q actually has)
     # int32 (n_docs + 1,) on the CPU; None means every row of the batch is one causal document.
     cu_seqlens: torch.Tensor | None
     max_seqlen: int
-    # The same boundaries on the compute device (flash / varlen kernels read them there).
-    cu_seqlens_device: torch.Tensor | None = None
+    B: int = 0
+    T: int = 0
+    # The boundaries on the compute device (flash / varlen kernels read them there); copied once, lazily.
+    _cu_device: torch.Tensor | None = field(default=None, repr=False)
+
+    def cu_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        if self._cu_device is None or self._cu_device.device != device:
+            cu = self.cu_seqlens
+            if cu is None:  # plain rows: one document per row
+                cu = torch.arange(0, self.B * self.T + 1, self.T, dtype=torch.int32)
+            self._cu_device = cu.to(device, non_blocking=True)
+        return self._cu_device
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -83,7 +93,11 @@ def make_attn_meta(
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
 ) -> AttnMeta:
-    impl = resolve_attn_impl(impl, device, dtype)
+    """The impl is resolved in each block from q's own device and dtype (under FSDP mixed precision the
+    compute dtype is the block's, not necessarily that of the root's parameters); device / dtype are
+    accepted for callers that build metadata outside a model."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32)
         if cu_seqlens.device.type != "cpu":
@@ -92,13 +106,7 @@ def make_attn_meta(
             raise ValueError(f"cu_seqlens must start at 0 and end at B*T={B * T}, got {cu_seqlens.tolist()}")
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    elif impl != "sdpa":
-        cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32)
-    max_seqlen = T if max_seqlen is None else max_seqlen
-    cu_dev = None
-    if impl != "sdpa":
-        cu_dev = cu_seqlens.to(device, non_blocking=True)
-    return AttnMeta(impl, cu_seqlens, max_seqlen, cu_dev)
+    return AttnMeta(impl, cu_seqlens, T if max_seqlen is None else max_seqlen, B, T)
 
 
 def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -117,24 +125,24 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
     """q (B, T, nh, hd), k/v (B, T, nkv, hd) -> (B, T, nh, hd)."""
     B, T, nh, hd = q.shape
-    if meta.impl == "sdpa" and meta.cu_seqlens is None:
+    impl = resolve_attn_impl(meta.impl, q.device, q.dtype)
+    if impl == "sdpa" and meta.cu_seqlens is None:
         # Every row is one document: one batched causal call.
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
         )  # (B, nh, T, hd)
         return o.transpose(1, 2)
     qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*T, nh|nkv, hd)
-    if meta.impl == "sdpa":
-        o = sdpa_varlen(qf, kf, vf, meta.cu_seqlens)
-    elif meta.impl == "flash":
+    if impl == "sdpa":
+        return sdpa_varlen(qf, kf, vf, meta.cu_seqlens).view(B, T, nh, hd)
+    cu, m = meta.cu_seqlens_on(q.device), meta.max_seqlen
+    if impl == "flash":
         from flash_attn import flash_attn_varlen_func
 
-        cu, m = meta.cu_seqlens_device, meta.max_seqlen
         o = flash_attn_varlen_func(qf, kf, vf, cu, cu, m, m, causal=True)
     else:
         from torch.nn.attention.varlen import varlen_attn
 
-        cu, m = meta.cu_seqlens_device, meta.max_seqlen
         o = varlen_attn(qf, kf, vf, cu, cu, m, m, window_size=(-1, 0), enable_gqa=True)
     return o.view(B, T, nh, hd)
 

@@ -163,3 +163,18 @@ def test_bf16_gpu_parity(case, attn_impl):
     err = (got.flatten(0, 1) - truth.flatten(0, 1)).abs().max()
     ref_err = (ref - truth.flatten(0, 1)).abs().max()
     assert err <= 2 * ref_err + 1e-2, (err, ref_err)
+
+
+def test_attn_impl_is_explicit_and_checked():
+    ids = torch.randint(0, 300, (1, 6))
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        build_model("debug-qwen2", attn_impl="eager")(ids)
+    if not torch.cuda.is_available():
+        for impl in ("flash", "varlen"):
+            with pytest.raises(ValueError, match="needs a CUDA device"):
+                build_model("debug-qwen2", attn_impl=impl)(ids)
+    torch.manual_seed(0)
+    a = build_model("debug-glm4", attn_impl="sdpa")
+    b = build_model("debug-glm4", attn_impl="auto")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(ids), b(ids))
