@@ -51,7 +51,7 @@ def demo_flags(output_dir: Path, epochs: float, on_gpu: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes) on this machine")
-    p.add_argument("--output_dir", default=str(REPO / "output" / "demo"))
+    p.add_argument("--output_dir", default=str(REPO / "outputs" / "demo"))
     p.add_argument("--epochs", type=float, default=3.0)
     args = p.parse_args(argv)
 

@@ -79,9 +79,12 @@ class MetricsLogger:
                 total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr
             )
         if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency
-
-            self.tb = SummaryWriter(str(Path(output_dir) / "runs"))
+            try:  # lazy: optional dependency
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.write("report_to tensorboard: the tensorboard package is not installed; metrics.jsonl only")
+            else:
+                self.tb = SummaryWriter(str(Path(output_dir) / "runs"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

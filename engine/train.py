@@ -340,7 +340,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         else:
             if last_saved is None or last_saved.name != f"checkpoint-{step}":
                 save("end")
-            if val_loader is not None and cfg.log.eval_steps:
+            if val_loader is not None and cfg.log.eval_steps and step % cfg.log.eval_steps:
                 log.log(
                     {
                         "step": step,

@@ -9,9 +9,17 @@ import signal
 
 import pytest
 import torch
-from train_testlib import base_args, load_final, make_dataset, run_inprocess, train_steps
+from train_testlib import base_args, load_final, read_metrics, make_dataset, run_inprocess, train_steps
 
 import engine.train as train_mod
+
+
+# every run of this module holds out 10% for evaluation every 2 steps
+EVAL = dict(split_dataset_ratio=0.1, eval_steps=2)
+
+
+def args(data, out, **over):
+    return base_args(data, out, **{**EVAL, **over})
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +39,8 @@ def _logits(model):
 def baseline(data, tmp_path_factory):
     """4 steps, checkpoint at 2 and 4, fp32 HF export, logits of the trained model."""
     out = tmp_path_factory.mktemp("baseline")
-    args = base_args(data, out, save_steps=2, save_final=True, final_dtype="float32")
-    summary = run_inprocess(args, probe=_logits)
+    argv = args(data, out, save_steps=2, save_final=True, final_dtype="float32")
+    summary = run_inprocess(argv, probe=_logits)
     return out, summary
 
 
@@ -40,7 +48,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path):
     out_a, a = baseline
     assert (out_a / "checkpoint-2").is_dir() and (out_a / "checkpoint-4").is_dir()
     assert not list(out_a.glob("*.tmp"))
-    b = run_inprocess(base_args(data, tmp_path, resume_from_checkpoint=out_a / "checkpoint-2", save_final=True,
+    b = run_inprocess(args(data, tmp_path, resume_from_checkpoint=out_a / "checkpoint-2", save_final=True,
                                 final_dtype="float32"))  # fmt: skip
     steps_a, steps_b = train_steps(out_a), train_steps(tmp_path)
     assert [r["step"] for r in steps_b] == [3, 4]
@@ -60,11 +68,11 @@ def test_sigterm_saves_and_resume_continues(data, baseline, tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    s = run_inprocess(base_args(data, tmp_path), on_step=kill_at_2)
+    s = run_inprocess(args(data, tmp_path), on_step=kill_at_2)
     assert s["stopped"] and s["steps"] == 2
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "final").exists()
     r = run_inprocess(
-        base_args(data, tmp_path, resume_from_checkpoint="latest", save_final=True, final_dtype="float32")
+        args(data, tmp_path, resume_from_checkpoint="latest", save_final=True, final_dtype="float32")
     )
     assert not r["stopped"]
     steps = train_steps(tmp_path)
@@ -85,6 +93,18 @@ def test_loss_falls_and_metrics_lines(baseline):
             assert key in r
     assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(3e-3)  # 1 warmup step, then cosine
     assert steps[-1]["loss"] < steps[0]["loss"]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 < r["eval_loss"] < 10 for r in evals)
+
+
+def test_start_from_hf_directory(data, baseline, tmp_path):
+    """A model directory (the fp32 export) streams into the shards: with a vanishing LR the model after one
+    step gives the exported model's logits."""
+    out_a, a = baseline
+    s = run_inprocess(
+        args(data, tmp_path, model=out_a / "final", max_steps=1, learning_rate=1e-30), probe=_logits
+    )
+    torch.testing.assert_close(s["probe"], a["probe"], rtol=1e-5, atol=1e-5)
 
 
 def test_export_loads_in_transformers_with_same_logits(baseline):
@@ -131,7 +151,7 @@ def test_nonfinite_step_is_skipped(data, tmp_path, monkeypatch):
     monkeypatch.setattr(
         train_mod, "build_sharded_model", lambda cfg, info: s_model.append(orig(cfg, info)) or s_model[0]
     )
-    s = run_inprocess(base_args(data, tmp_path, max_steps=3), on_step=snap)
+    s = run_inprocess(args(data, tmp_path, max_steps=3), on_step=snap)
     steps = train_steps(tmp_path)
     assert s["skipped"] == 1 and steps[1].get("skipped") and not steps[2].get("skipped")
     assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[2], weights[3])
@@ -140,13 +160,13 @@ def test_nonfinite_step_is_skipped(data, tmp_path, monkeypatch):
 def test_abort_after_nonfinite_steps_in_a_row(data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "build_sharded_model", _nan_loss_on(None, train_mod.build_sharded_model))
     with pytest.raises(RuntimeError, match="non-finite steps in a row"):
-        run_inprocess(base_args(data, tmp_path, max_nonfinite_steps=2))
+        run_inprocess(args(data, tmp_path, max_nonfinite_steps=2))
 
 
 def test_dataset_too_small_is_a_clear_error(tmp_path):
     small = make_dataset(tmp_path / "small.jsonl", n=2)
     with pytest.raises(ValueError, match="too small for one optimizer step"):
-        run_inprocess(base_args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
+        run_inprocess(args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
 
 
 def test_main_reports_config_errors(tmp_path, capsys):
