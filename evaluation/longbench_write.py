@@ -265,7 +265,7 @@ def run(cfg: dict) -> dict:
     # Keep only rows of this input (and --limit); take prompt metadata (lang) from the input, not the file.
     preds = [
         {**row, "lang": wanted[idx]["lang"]}
-        for idx, row in sorted(latest_by_idx(read_jsonl(pred_path)).items())
+        for idx, row in sorted(latest_by_idx(read_jsonl(pred_path), items).items())
         if idx in wanted and row.get("prompt") == wanted[idx]["prompt"]
     ]
     if not preds:

@@ -66,12 +66,18 @@ def text_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def latest_by_idx(rows: Iterable[dict]) -> dict[int, dict]:
-    """Last row per idx (a rerun of an item appends; the newest wins)."""
+def latest_by_idx(rows: Iterable[dict], items: list[dict] | None = None) -> dict[int, dict]:
+    """Last row per idx (a rerun of an item appends; the newest wins).
+
+    Rows without "idx" (a pred.jsonl written by the official pred.py or by evalscope) are matched to
+    ``items`` by their prompt text, so such a file dropped into output_dir can be scored as is.
+    """
+    by_prompt = {it["prompt"]: it["idx"] for it in items or []}
     out: dict[int, dict] = {}
     for row in rows:
-        if "idx" in row:
-            out[row["idx"]] = row
+        idx = row["idx"] if "idx" in row else by_prompt.get(row.get("prompt"))
+        if idx is not None:
+            out[idx] = {**row, "idx": idx}
     return out
 
 

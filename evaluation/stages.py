@@ -86,7 +86,7 @@ async def run_infer_openai(
 ) -> StageStats:
     """Generate a response for every item not yet in ``pred_path`` through ``client`` (data_gen.llm.LLMClient)."""
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_jsonl(pred_path))
+    existing = latest_by_idx(read_jsonl(pred_path), items)
     _check_same_input(existing, items, pred_path)
     todo = [it for it in items if it["idx"] not in existing]
     stats = StageStats(done_before=len(items) - len(todo))
@@ -154,7 +154,7 @@ def run_infer_engine(
     from engine.models import generate, load_pretrained
 
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_jsonl(pred_path))
+    existing = latest_by_idx(read_jsonl(pred_path), items)
     _check_same_input(existing, items, pred_path)
     todo = [it for it in items if it["idx"] not in existing]
     stats = StageStats(done_before=len(items) - len(todo))

@@ -49,3 +49,27 @@ def test_summarize_groups_and_plots(tmp_path):
 def test_summarize_without_judge_has_no_quality():
     s = summarize([_pred(0, 100, "w " * 100, "en")], None)
     assert "score_q" not in s and "score" not in s and s["score_l"] == 100
+
+
+def test_official_pred_file_without_idx_is_scored(tmp_path):
+    import json
+
+    from evaluation.longbench_write import main
+
+    inp = tmp_path / "in.jsonl"
+    rows = [
+        {"prompt": "写一篇文章", "type": "t", "length": 10},
+        {"prompt": "Write a poem", "type": "t", "length": 4},
+    ]
+    inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    # Official pred.py rows: the input row + response_length + response, no idx, in any order.
+    official = [{**rows[1], "response_length": 4, "response": "one two three four"}]
+    official.append({**rows[0], "response_length": 20, "response": "字" * 20})
+    (out / "pred.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in official))
+    assert main(["--stage", "eval_l", "--input", str(inp), "--output_dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_predictions"] == 2 and res["score_l"] == pytest.approx((100 + 100 * (1 - 1 / 3)) / 2)
+    langs = res["scores"]["by_language"]
+    assert (langs["zh"]["n"], langs["en"]["n"]) == (1, 1) and langs["en"]["score_l"] == 100
