@@ -34,10 +34,14 @@ class KVCache:
         kk = self.k[layer_idx, :, :e].transpose(1, 2)  # (B, nkv, e, hd)
         vv = self.v[layer_idx, :, :e].transpose(1, 2)
         mask = None
-        if T > 1:  # query i (position s+i) sees keys 0..s+i
+        if T > 1 and s > 0:  # query i (position s+i) sees keys 0..s+i
             qpos = torch.arange(s, e, device=q.device)[:, None]
             mask = torch.arange(e, device=q.device)[None, :] <= qpos  # (T, e)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask, enable_gqa=True)
+        # Prefill of an empty cache is plain causal (no mask: flash-capable); one new token sees everything.
+        causal = T > 1 and s == 0
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kk, vv, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )
         return o.transpose(1, 2)  # (B, T, nh, hd)
 
 

@@ -178,3 +178,19 @@ def test_attn_impl_is_explicit_and_checked():
     b = build_model("debug-glm4", attn_impl="auto")
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(ids), b(ids))
+
+
+def test_kv_cache_chunked_prefill_matches_full_forward():
+    from engine.models.generate import KVCache, _forward_last
+
+    torch.manual_seed(0)
+    model = build_model("debug-glm4").eval()
+    ids = torch.randint(0, 300, (1, 14))
+    cache = KVCache(model, 1, 14)
+    with torch.no_grad():
+        _forward_last(model, ids[:, :5], cache)  # empty cache: causal prefill
+        _forward_last(model, ids[:, 5:9], cache)  # several new tokens after a prefix: explicit mask
+        _forward_last(model, ids[:, 9:13], cache)
+        last = _forward_last(model, ids[:, 13:], cache)  # one token
+        ref = model(ids)[:, -1].float()
+    torch.testing.assert_close(last, ref, atol=1e-5, rtol=1e-5)
