@@ -83,7 +83,7 @@ class _Problems:
 def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int]:
     lines, convs, metas = [], [], []
     n_rows = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

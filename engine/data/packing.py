@@ -2,9 +2,11 @@
 
 The plan is best-fit decreasing (each document, longest first, goes to the open row whose free space it
 fills most tightly), which on LongWriter-like lengths leaves < 1% of the capacity empty because the
-many short chat samples fill the gaps the long ones leave. Equal lengths are ordered by a permutation
-drawn from (seed, epoch), and the finished rows and the documents inside each row are shuffled with the
-same generator, so the plan is deterministic per (seed, epoch) and changes from epoch to epoch.
+many short documents fill the gaps the long ones leave. Lengths are sorted in coarse buckets with a
+random order inside each bucket drawn from (seed, epoch) (falling back to the exact sort when that
+needs more rows), and the finished rows and the documents inside each row are shuffled with the same
+generator: the plan is deterministic per (seed, epoch), and documents meet different neighbours each
+epoch.
 """
 
 from __future__ import annotations
@@ -44,9 +46,26 @@ def pack_lengths(
         )
     rng = _rng(seed, epoch)
     tiebreak = rng.permutation(n)
-    order = np.lexsort((tiebreak, -lengths))  # longest first, equal lengths in random order
-    smallest = int(lengths.min())
+    # Exact best-fit decreasing packs tightest, but with few equal lengths it puts the same documents
+    # together every epoch. Sorting by coarse length buckets (random order inside a bucket) changes the
+    # groups from epoch to epoch; keep the coarsest bucketing that needs no more rows than the exact plan.
+    rows = _best_fit(lengths, np.lexsort((tiebreak, -lengths)), max_length)
+    for bucket in (max_length // 112, max_length // 448):
+        if bucket > 1:
+            coarse = _best_fit(lengths, np.lexsort((tiebreak, -(lengths // bucket))), max_length)
+            if len(coarse) <= len(rows):
+                rows = coarse
+                break
 
+    # Shuffle rows, and documents within each row, so neither order follows the sort.
+    key = rng.permutation(n)
+    rows = [sorted(r, key=key.__getitem__) for r in rows]
+    return [rows[j] for j in rng.permutation(len(rows)).tolist()]
+
+
+def _best_fit(lengths: np.ndarray, order: np.ndarray, max_length: int) -> list[list[int]]:
+    """Put each document (in `order`) into the open row whose free space it fills most tightly."""
+    smallest = int(lengths.min())
     rows: list[list[int]] = []
     # Open rows sorted by free space: free[k] is the space of row open_ids[k] (parallel lists for bisect).
     free: list[int] = []
@@ -62,16 +81,12 @@ def pack_lengths(
             row_id = len(rows)
             rows.append([i])
             space = max_length - size
-        # Documents come longest first, so a row with less space than the shortest one is closed.
+        # A row with less space than the shortest document can never take another one: close it.
         if space >= smallest:
             k = bisect.bisect_left(free, space)
             free.insert(k, space)
             open_ids.insert(k, row_id)
-
-    # Shuffle rows, and documents within each row, so neither order follows the sort.
-    key = rng.permutation(n)
-    rows = [sorted(r, key=key.__getitem__) for r in rows]
-    return [rows[j] for j in rng.permutation(len(rows)).tolist()]
+    return rows
 
 
 def packing_efficiency(lengths: Sequence[int], plan: Sequence[Sequence[int]], max_length: int) -> float:

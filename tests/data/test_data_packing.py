@@ -58,6 +58,14 @@ def test_efficiency_and_epoch_reshuffle():
     plan1 = pack_lengths(lengths, MAX, seed=0, epoch=1)
     check_plan(lengths, plan1, MAX)
     assert plan0 != plan1
+    # Documents meet different neighbours from epoch to epoch, not just shuffled rows.
+    a, b = (pack_lengths(long_only, MAX, seed=0, epoch=e) for e in (0, 1))
+    assert packing_efficiency(long_only, b, MAX) >= 0.99
+
+    def pairs(plan):
+        return {(i, j) for row in plan for i in row for j in row if i < j}
+
+    assert len(pairs(a) & pairs(b)) < 0.2 * len(pairs(a))
     assert pack_lengths(lengths, MAX, seed=1, epoch=0) != plan0
 
 
