@@ -1,4 +1,15 @@
-"""Data pipeline: tokenizers, chat templates with label masks, datasets, packing, distributed loading."""
+"""Data pipeline: tokenizers, chat templates with label masks, datasets, packing, distributed loading.
+
+    tok = load_tokenizer("debug-qwen2" | "debug-glm4" | model_dir | tokenizer file)
+    ds = build_dataset(["longwriter.jsonl", "sharegpt.jsonl#6660"], tok, max_length=28672, seed=42)
+    train, val = split_dataset(ds, 0.01, seed=42)
+    loader = StepLoader(train, max_length=28672, batch_size=1, gradient_accumulation_steps=4,
+                        rank=rank, world_size=world, seed=42)
+    for epoch ...: loader.set_epoch(epoch); for micro_batches in loader: ...
+
+Files: tokenizer.py (backends), chat.py (row formats, templates, label masks), dataset.py (jsonl,
+validation, mixing, lazy length cache), packing.py (row plans, collation), loader.py (StepLoader).
+"""
 
 from engine.data.chat import encode_generation_prompt
 from engine.data.dataset import SFTDataset, build_dataset, split_dataset

@@ -165,6 +165,11 @@ class HFTokenizer(Tokenizer):
             extra.insert(0, tok.token_to_id(cfg_eos))
         self.eos_token_ids = _eos_for_template(self.template, self.token_id, extra)
 
+    def __setstate__(self, state):
+        # The Rust tokenizer pickles through its JSON form, which drops this runtime flag.
+        self.__dict__.update(state)
+        self._tok.encode_special_tokens = True
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -33,6 +33,9 @@ def test_debug_tokenizer_bytes_and_specials(flavour, template):
         assert tok.token_id("<|user|>") in tok.eos_token_ids
     with pytest.raises(KeyError):
         tok.token_id("<not-a-token>")
+    import pickle  # DataLoader workers under spawn get a pickled copy
+
+    assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[2]) == list(TEXTS[2].encode())
 
 
 @pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4"])
