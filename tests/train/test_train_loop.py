@@ -97,6 +97,16 @@ def test_loss_falls_and_metrics_lines(baseline):
     assert [r["step"] for r in evals] == [2, 4] and all(0 < r["eval_loss"] < 10 for r in evals)
 
 
+def test_resume_only_model_restarts_schedule(data, baseline, tmp_path):
+    """--resume_only_model (the annealing stage): weights of checkpoint-4, a fresh step count and schedule."""
+    out_a, a = baseline
+    argv = args(data, tmp_path, resume_from_checkpoint=out_a, resume_only_model="true", max_steps=1,
+                learning_rate=1e-30, warmup_ratio=0.0)  # fmt: skip
+    s = run_inprocess(argv, probe=_logits)
+    assert [r["step"] for r in train_steps(tmp_path)] == [1] and train_steps(tmp_path)[0]["lr"] == 1e-30
+    torch.testing.assert_close(s["probe"], a["probe"], rtol=1e-5, atol=1e-5)
+
+
 def test_start_from_hf_directory(data, baseline, tmp_path):
     """A model directory (the fp32 export) streams into the shards: with a vanishing LR the model after one
     step gives the exported model's logits."""

@@ -259,3 +259,41 @@ def test_memory_plan_qwen2_7b_on_4_a100():
     torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
     assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
     assert "total" in ac.format()
+
+
+# ------------------------------------------------------------------ checkpoints on disk
+def test_checkpoints_atomic_rotated_and_latest(pg, tmp_path):
+    from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("debug-qwen2")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 256, (1, 16)), labels=torch.randint(0, 256, (1, 16))).backward()
+    opt.step()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path / f"checkpoint-{step}", model=model, optimizer=opt, rank_state={"step": step},
+                        info={"step": step}, save_total_limit=2)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    # a save that died half-way leaves only checkpoint-N.tmp: never listed, never resumed from
+    (tmp_path / "checkpoint-9.tmp").mkdir()
+    (tmp_path / "checkpoint-9.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    assert resolve_resume(tmp_path, "latest").name == "checkpoint-3"
+    assert resolve_resume(tmp_path, str(tmp_path)).name == "checkpoint-3"  # a run directory
+    assert resolve_resume(tmp_path / "empty", "latest") is None
+    with pytest.raises(ValueError, match="not a complete checkpoint|neither"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoint-9.tmp"))
+    # exact round trip of weights and AdamW state
+    fresh = build_model("debug-qwen2")
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = load_checkpoint(tmp_path / "checkpoint-3", model=fresh, optimizer=fresh_opt)
+    assert state == {"step": 3}
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
+    # weights-only checkpoints refuse an exact resume, with the flag to use instead
+    save_checkpoint(tmp_path / "checkpoint-4", model=model, optimizer=None, rank_state={}, info={"step": 4})
+    with pytest.raises(ValueError, match="resume_only_model"):
+        load_checkpoint(tmp_path / "checkpoint-4", model=fresh, optimizer=fresh_opt)
+    assert (
+        load_checkpoint(tmp_path / "checkpoint-4", model=fresh, optimizer=fresh_opt, only_model=True) is None
+    )
