@@ -9,10 +9,9 @@ import signal
 
 import pytest
 import torch
-from train_testlib import base_args, load_final, read_metrics, make_dataset, run_inprocess, train_steps
+from train_testlib import base_args, load_final, make_dataset, read_metrics, run_inprocess, train_steps
 
 import engine.train as train_mod
-
 
 # every run of this module holds out 10% for evaluation every 2 steps
 EVAL = dict(split_dataset_ratio=0.1, eval_steps=2)
