@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 import transformers as tf
-from hf_tiny import CASES, hf_model
+from models_hf_tiny import CASES, hf_model
 from safetensors.torch import load_file, save_file
 
 from engine.models import FLAVOURS, build_model, iter_checkpoint, load_pretrained, save_pretrained

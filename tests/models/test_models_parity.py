@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_tiny import CASES, hf_model, ours_from_hf
+from models_hf_tiny import CASES, hf_model, ours_from_hf
 
 from engine.models import FLAVOURS, build_model, generate
 
