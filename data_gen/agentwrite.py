@@ -323,6 +323,7 @@ async def run(
     if cfg.concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {cfg.concurrency}")
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(progress_path or output.with_name(output.name + ".progress.jsonl"))
     failures_path = Path(failures_path or output.with_name(output.name + ".failures.jsonl"))
     summary = Summary()
@@ -434,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = asyncio.run(go())
     print(summary.line(), flush=True)
+    if summary.failed:
+        failures = args.failures or f"{args.output}.failures.jsonl"
+        print(f"agentwrite: {summary.failed} failed items (reasons in {failures}); a rerun tries them again")
     return 1 if summary.failed else 0
 
 

