@@ -52,6 +52,7 @@ def normalize_row(row) -> tuple[list[dict], dict]:
     """Any accepted row format -> (messages, metadata). Raises FieldError with the field path."""
     if not isinstance(row, dict):
         raise FieldError("<row>", f"a row must be a JSON object, got {type(row).__name__}")
+    offset_system = False  # ShareGPT: a top-level "system" shifts message indices by one
     if "messages" in row:
         raw = row["messages"]
         if not isinstance(raw, list):
@@ -75,7 +76,7 @@ def normalize_row(row) -> tuple[list[dict], dict]:
         if not isinstance(raw, list):
             raise FieldError("conversations", "must be a list of {from, value} objects")
         messages = []
-        if "system" in row and row["system"] is not None:
+        if row.get("system") is not None:
             messages.append({"role": "system", "content": _check_str(row["system"], "system")})
         for i, m in enumerate(raw):
             if not isinstance(m, dict):
@@ -90,6 +91,7 @@ def normalize_row(row) -> tuple[list[dict], dict]:
             messages.append({"role": _SHAREGPT_ROLES[m["from"]], "content": content})
         meta = {k: v for k, v in row.items() if k not in ("conversations", "system")}
         prefix = "conversations"
+        offset_system = row.get("system") is not None
     elif "query" in row or "response" in row:
         messages = []
         if row.get("system") is not None:
@@ -110,15 +112,18 @@ def normalize_row(row) -> tuple[list[dict], dict]:
         prefix = None
     else:
         raise FieldError("messages", "row has none of 'messages', 'conversations', 'query'/'response'")
-    _check_structure(messages, prefix)
+    _check_structure(messages, prefix, offset_system)
     return messages, meta
 
 
-def _check_structure(messages: list[dict], prefix: str | None) -> None:
+def _check_structure(messages: list[dict], prefix: str | None, offset_system: bool = False) -> None:
     def field(i: int, key: str) -> str:
         if prefix is None:  # ms-swift rows: name the flat field
             return "response" if key == "content" else "query"
-        return f"{prefix}[{i}].{'from' if prefix == 'conversations' and key == 'role' else key}"
+        if prefix == "conversations":  # a top-level "system" is messages[0] but not in the list
+            i -= int(messages[0]["role"] == "system" and offset_system)
+            return f"conversations[{i}].{'from' if key == 'role' else 'value'}"
+        return f"{prefix}[{i}].{key}"
 
     if not messages:
         raise FieldError(prefix or "query", "empty conversation")

@@ -51,6 +51,16 @@ BAD_ROWS = [
         "conversations[1].value",
         "string",
     ),
+    (
+        {"system": "s", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+        "conversations[1].value",
+        "empty",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "x"}]},
+        "conversations[1].from",
+        "expected role",
+    ),
     ({"query": "hi"}, "response", "missing"),
     ({"text": "no conversation"}, "messages", "none of"),
 ]
