@@ -25,6 +25,7 @@ def _choices(*values: str) -> dict:
 @dataclass
 class ModelConfig:
     model: str = "debug-qwen2"  # HF directory or an engine.models flavour name (random init)
+    tokenizer: str | None = None  # default: the model directory / debug flavour
     torch_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
     attn_impl: str = "auto"  # passed to engine.models (auto | flash | sdpa | ...)
     loss_impl: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))

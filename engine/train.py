@@ -210,7 +210,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
 
     from engine.data import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.model)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
     train_loader, val_loader = build_data(cfg, info, tokenizer)
     steps_per_epoch = len(train_loader)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
@@ -279,8 +279,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
             # the loader owns the position: after an epoch's last step (or a resume) it reads the next epoch
             epoch = train_loader.epoch
             train_loader.set_epoch(epoch)
+            t0 = time.perf_counter()
             for micro_batches in train_loader:
-                t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
                 res = forward_backward(model, micro_batches, loss_name=t.loss_name, device=device, stop=stop)
                 if res is None:
@@ -319,6 +319,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
                         )
                 losses.append(res["loss"])
                 log.log(record)
+                if not cfg.log.progress_bar and step % cfg.log.logging_steps == 0:
+                    log.write(
+                        f"step {step}/{total} loss {res['loss']:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
+                        f"tokens/s {record['tokens_per_s']:.0f}"
+                    )
                 if on_step is not None:
                     on_step(step, record)
                 boundary = snapshot()
@@ -334,6 +339,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     last_saved = save("periodic")
                 if step >= total:
                     break
+                t0 = time.perf_counter()  # a step's time includes loading its batch, not evals or saves
         if stopped:
             save("SIGTERM")
             log.write(f"stopped by SIGTERM after step {step}; resume with --resume_from_checkpoint latest")

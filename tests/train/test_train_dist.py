@@ -67,3 +67,35 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
     steps = train_steps(tmp_path)
     assert [r["step"] for r in steps] == [1] and steps[0]["num_tokens"] > 0
     assert (tmp_path / "checkpoint-1").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_then_resume(data, tmp_path):
+    """SIGTERM to the torchrun agent mid-run: it forwards the signal, the ranks agree to stop, save a
+    checkpoint and exit; `--resume_from_checkpoint latest` then completes the same trajectory as a 1-rank
+    uninterrupted run (world-size invariance makes that the reference)."""
+    import signal
+    import time
+
+    from engine.checkpoint import list_checkpoints
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_inprocess(base_args(data, ref, max_steps=12, gradient_accumulation_steps=4))
+    argv = base_args(data, out, max_steps=12, gradient_accumulation_steps=2)
+    p = subprocess.Popen(torchrun_cmd(2, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(train_steps(out)) >= 1:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    log = p.communicate(timeout=120)[0]
+    saved = [s for s, _ in list_checkpoints(out)]
+    assert saved and saved[-1] < 12 and not (out / "final").exists(), log[-3000:]
+    assert "stopped by SIGTERM" in log
+    run_torchrun(2, [*argv, "--resume_from_checkpoint", "latest"])
+    s_ref, s_run = train_steps(ref), train_steps(out)
+    assert [r["step"] for r in s_run] == list(range(1, 13))
+    for a, b in zip(s_ref, s_run):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
