@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # prompts
 # ---------------------------------------------------------------------------------------------
+@functools.cache
 def load_prompt(name: str) -> str:
     return resources.files("data_gen").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
 
@@ -64,7 +65,7 @@ def fill(template: str, **values: str) -> str:
 
 
 def detect_language(text: str) -> str:
-    """ "zh" when CJK ideographs outnumber ASCII words, else "en"."""
+    """Prompt language of an instruction: zh when CJK ideographs outnumber ASCII words, else en."""
     cjk = len(re.findall(r"[\u4e00-\u9fff]", text))
     words = len(re.findall(r"[A-Za-z]+", text))
     return "zh" if cjk > words else "en"
@@ -251,6 +252,8 @@ async def _plan(client: LLMClient, item: Item, cfg: GenConfig) -> list[PlanStep]
             plan_messages(item, cfg.max_paragraphs), temperature=cfg.temperature, max_tokens=cfg.max_tokens
         )
         try:
+            if comp.finish_reason == "length":  # cut off by max_tokens: its last steps are missing
+                raise PlanError("plan cut off by max_tokens (finish_reason=length)")
             return fill_word_counts(parse_plan(comp.text, cfg.max_paragraphs), item.length)
         except PlanError as e:
             last = str(e)
@@ -259,7 +262,7 @@ async def _plan(client: LLMClient, item: Item, cfg: GenConfig) -> list[PlanStep]
 
 
 async def _paragraph(
-    client: LLMClient, item: Item, steps: list[PlanStep], written: list[str], i: int, cfg
+    client: LLMClient, item: Item, steps: list[PlanStep], written: list[str], i: int, cfg: GenConfig
 ) -> str:
     for _ in range(cfg.plan_attempts):
         comp = await client.chat(
@@ -272,21 +275,24 @@ async def _paragraph(
 
 
 async def generate_item(
-    client: LLMClient, item: Item, progress: Progress, cfg: GenConfig, on_paragraph: Callable[[int], None]
+    client: LLMClient, item: Item, progress: Progress, cfg: GenConfig, bar: tqdm | None = None
 ) -> str:
+    """Plan (unless the sidecar has one) and write the missing paragraphs of one item, in order."""
     state = progress.state(item.key)
     if state.steps is None:
         progress.add_plan(item.key, await _plan(client, item, cfg))
     steps = state.steps
     assert steps is not None
-    on_paragraph(-len(steps))  # announce the paragraphs of this item to the progress bar
-    on_paragraph(len(state.paragraphs))
+    if bar is not None:  # the paragraph total grows as plans arrive
+        bar.total += len(steps)
+        bar.update(len(state.paragraphs))
     for i in range(len(steps)):
         if i in state.paragraphs:
             continue
         written = [state.paragraphs[j] for j in range(i)]
         progress.add_paragraph(item.key, i, await _paragraph(client, item, steps, written, i, cfg))
-        on_paragraph(1)
+        if bar is not None:
+            bar.update(1)
     return state.response()
 
 
@@ -317,6 +323,7 @@ async def run(
     cfg: GenConfig | None = None,
     progress_path: str | os.PathLike | None = None,
     failures_path: str | os.PathLike | None = None,
+    show_progress: bool | None = None,
 ) -> Summary:
     """Generate every item not finished yet; write output rows (input order) and the failures file."""
     cfg = cfg or GenConfig()
@@ -331,20 +338,14 @@ async def run(
     todo = [it for it in items if not progress.state(it.key).finished]
     summary.skipped = len(items) - len(todo)
     sem = asyncio.Semaphore(cfg.concurrency)
-    bar_items = tqdm(total=len(items), initial=summary.skipped, desc="items", position=0, disable=None)
-    bar_paras = tqdm(total=0, desc="paragraphs", unit="para", position=1, disable=None)
-
-    def on_paragraph(n: int) -> None:
-        if n < 0:
-            bar_paras.total += -n
-            bar_paras.refresh()
-        elif n:
-            bar_paras.update(n)
+    hide = None if show_progress is None else not show_progress  # None: bars only on a terminal
+    bar_items = tqdm(total=len(items), initial=summary.skipped, desc="items", position=0, disable=hide)
+    bar_paras = tqdm(total=0, desc="paragraphs", unit="para", position=1, disable=hide)
 
     async def one(item: Item) -> None:
         async with sem:
             try:
-                await generate_item(client, item, progress, cfg, on_paragraph)
+                await generate_item(client, item, progress, cfg, bar_paras)
                 summary.done += 1
             except (LLMError, ItemFailed) as e:
                 failures.append(_failure(item, e.kind, str(e)))

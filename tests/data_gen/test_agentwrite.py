@@ -126,7 +126,7 @@ def check_rows(rows: list[dict], items: list[str]) -> None:
         assert "ERROR" not in assistant["content"]
 
 
-def test_concurrent_items_keep_input_order_and_pairing(tmp_path):
+def test_concurrent_items_keep_input_order_and_pairing(tmp_path, capsys):
     items = [f"i{k}" for k in range(12)]
     write_input(tmp_path / "in.jsonl", items)
     model = FakeModel(sleep=(0.0, 0.03))
@@ -138,8 +138,12 @@ def test_concurrent_items_keep_input_order_and_pairing(tmp_path):
                 client,
                 tmp_path / "out.jsonl",
                 cfg=GenConfig(concurrency=4),
+                show_progress=True,
             )
         )
+    bars = capsys.readouterr().err
+    n_paragraphs_total = expected_requests(items) - len(items)
+    assert "items: 100%" in bars and f"{n_paragraphs_total}/{n_paragraphs_total}" in bars
     assert model.errors == []
     assert model.max_in_flight > 1  # items really overlapped
     assert (summary.done, summary.failed, summary.skipped) == (12, 0, 0)
