@@ -74,7 +74,7 @@ def plan_memory(
     gradient_checkpointing: bool = True,
     checkpoint_every: int = 1,
     fused_loss: bool = True,
-    loss_chunk_tokens: int = 4096,
+    loss_chunk_bytes: int = 256 * 2**20,  # kernels' default on CUDA
 ) -> MemoryPlan:
     n = args.num_params()
     shard = n / world_size
@@ -89,7 +89,9 @@ def plan_memory(
     saved += 3 * t * h * max(b, 4)  # embedding output (+ NEFTune noise), final norm input/output
     recompute = 2 * full_block if n_ckpt else t * h * b * 2  # one block's activations and their grads
     if fused_loss:
-        loss = min(t, loss_chunk_tokens) * v * 4 * 2  # one fp32 chunk of logits + its gradient
+        # kernels.linear_cross_entropy: one [C, V] chunk buffer (chunk_bytes), the fp32 dW accumulator [V, H]
+        # and dX [T, H]; its gradients are produced during the forward
+        loss = min(loss_chunk_bytes, t * v * b) + v * h * 4 + t * h * b
     else:
         loss = t * v * (b + 4 + 4)  # logits, fp32 copy, fp32 grad
     return MemoryPlan(
@@ -102,3 +104,37 @@ def plan_memory(
         recompute_peak=recompute,
         loss=loss,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m engine.memory --model qwen2-7b --world_size 4 --max_length 28672 [--no_checkpointing]"""
+    import argparse
+
+    from engine.models import FLAVOURS, read_config
+
+    p = argparse.ArgumentParser(description="planned per-GPU memory of one FSDP2 training step")
+    p.add_argument("--model", default="qwen2-7b", help="flavour name or HF directory")
+    p.add_argument("--world_size", type=int, default=4)
+    p.add_argument("--max_length", type=int, default=28672)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--torch_dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--gradient_checkpointing_every", type=int, default=1)
+    p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--loss_impl", default="auto", choices=("auto", "triton", "torch"))
+    a = p.parse_args(argv)
+    args = FLAVOURS[a.model] if a.model in FLAVOURS else read_config(a.model)[0]
+    plan = plan_memory(
+        args,
+        world_size=a.world_size,
+        tokens_per_micro_batch=a.batch_size * a.max_length,
+        param_dtype=getattr(torch, a.torch_dtype),
+        gradient_checkpointing=not a.no_checkpointing,
+        checkpoint_every=a.gradient_checkpointing_every,
+        fused_loss=a.loss_impl != "torch",
+    )
+    print(f"{a.model}, {a.world_size} ranks, {a.batch_size} x {a.max_length} tokens per micro-batch")
+    print(plan.format())
+
+
+if __name__ == "__main__":
+    main()

@@ -53,13 +53,15 @@ def run_inprocess(argv: list[str], *, on_step=None, probe=None):
     from engine.config import parse_config
     from engine.train import train
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more threads than free cores makes every op crawl
     try:
         summary = train(parse_config(argv), on_step=on_step)
         if probe is not None:
             summary["probe"] = probe(summary["model"])
         return summary
     finally:
+        torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
 
