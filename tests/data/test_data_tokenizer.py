@@ -162,3 +162,15 @@ def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
     assert [tok.token_id(t) for t in specials] == [256, 257, 258]
     assert tok.eos_token_ids[0] == 258 and set(tok.eos_token_ids) == {256, 258}
     assert tok.encode("<|im_end|>") == list(b"<|im_end|>")
+
+
+@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4"])
+def test_debug_tokenizer_agrees_with_the_debug_model(flavour):
+    import engine.models as models
+
+    if not hasattr(models, "FLAVOURS"):
+        pytest.skip("engine.models.FLAVOURS not available")
+    args = models.FLAVOURS[flavour]
+    tok = load_tokenizer(flavour)
+    assert tok.vocab_size <= args.vocab_size
+    assert set(tok.eos_token_ids) == set(args.eos_token_ids)
