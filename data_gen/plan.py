@@ -29,10 +29,16 @@ class PlanStep:
 
 
 _NUM = r"(\d+|[零〇一二两三四五六七八九十百]+)"
+_EN_ORDINAL = (
+    r"(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|first|second|third|fourth|fifth"
+    r"|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth)"
+)
 # A step header at the start of a line, after optional markdown (#, >, -, *, bold markers).
 _HEADER = re.compile(
     r"^[\s>#*_\-•]*(?:"
     rf"(?:paragraph|para\.?|section|part|step|p)\s*{_NUM}\b"
+    rf"|(?:paragraph|section|part|step)\s+{_EN_ORDINAL}\b"
+    rf"|{_EN_ORDINAL}\s+paragraph\b"
     rf"|第\s*{_NUM}\s*(?:段落|段|部分|节|章)"
     rf"|段落\s*{_NUM}"
     rf"|\(\s*{_NUM}\s*\)"
@@ -60,8 +66,9 @@ _COUNT_WITH_UNIT = re.compile(
 
 def _continues(body: str, line: str) -> bool:
     """Whether `line` belongs to the step whose text so far is `body`: the main point or word count on a
-    line of its own, or the first line under a bare header. Other lines (sign-off chatter) are ignored."""
-    if not _clean(body):
+    line of its own, or the first line under a header with no main point yet ("Paragraph 1 - Main Point:").
+    Other lines (sign-off chatter) are ignored."""
+    if not _split_step(body).main_point:
         return True
     if _MAIN_POINT_LABEL.search(line) and not _MAIN_POINT_LABEL.search(body):
         return True

@@ -67,19 +67,31 @@ I hope this plan works for you."""
     assert steps(text) == [("The origins of tea", 500), ("Tea in Britain", 450)]
 
 
+def test_main_point_on_the_next_line_and_word_numbering():
+    text = """Paragraph One - Main Point:
+The founding of the city
+Word Count: 300 words
+Paragraph Two - Main Point: Its decline - Word Count: 200 words
+Third paragraph: The revival (250 words)
+Some closing remark."""
+    assert steps(text) == [("The founding of the city", 300), ("Its decline", 200), ("The revival", 250)]
+
+
 def test_chinese_forms():
     text = """好的，以下是写作计划：
 段落1 - 主要内容：介绍故宫的历史 - 字数要求：500字
 段落2 - 主要内容：建筑特色 - 字数要求：约800字
 第三段：总结与展望，字数：300字
 第4段 - 结尾（200字）
-段落五 - 主要内容：后记"""
+段落五 - 主要内容：后记
+一、附录（100字）"""
     assert steps(text) == [
         ("介绍故宫的历史", 500),
         ("建筑特色", 800),
         ("总结与展望", 300),
         ("结尾", 200),
         ("后记", None),
+        ("附录", 100),
     ]
 
 
