@@ -162,6 +162,26 @@ def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device
     return {"loss": loss, "num_tokens": int(n_target), "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
 
 
+def optimizer_step(model, optimizer, scheduler, micro_batches, cfg: Config, device, stop) -> dict | None:
+    """One optimizer step: forward/backward of the micro-batches, clip by the global norm, AdamW, LR.
+
+    A non-finite loss or gradient norm (the same on every rank: both are all-reduced) skips the AdamW update
+    but still advances the schedule and the data. None when SIGTERM abandoned the step.
+    """
+    res = forward_backward(model, micro_batches, loss_name=cfg.train.loss_name, device=device, stop=stop)
+    if res is None:
+        return None
+    grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm).item()
+    finite = math.isfinite(res["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return dict(res, grad_norm=grad_norm, finite=finite)
+
+
 @torch.no_grad()
 def evaluate(model, loader, device) -> float:
     """Token-mean loss over the whole validation set (all ranks)."""
@@ -269,6 +289,10 @@ def train(cfg: Config, *, on_step=None) -> dict:
         log.write(f"saved {path} ({reason})")
         return path
 
+    def log_eval() -> None:
+        epoch = round(step / steps_per_epoch, 4)
+        log.log({"step": step, "epoch": epoch, "eval_loss": evaluate(model, val_loader, device)})
+
     stop = _Stop(device)
     peak = peak_flops(device)
     bad_in_row, skipped, losses, last_saved, stopped = 0, 0, [], None, False
@@ -282,23 +306,15 @@ def train(cfg: Config, *, on_step=None) -> dict:
             t0 = time.perf_counter()
             for micro_batches in train_loader:
                 lr = scheduler.get_last_lr()[0]
-                res = forward_backward(model, micro_batches, loss_name=t.loss_name, device=device, stop=stop)
+                res = optimizer_step(model, optimizer, scheduler, micro_batches, cfg, device, stop)
                 if res is None:
                     stopped = True
                     break
-                grad_norm = clip_grad_norm_(model.parameters(), o.max_grad_norm).item()
-                finite = math.isfinite(res["loss"]) and math.isfinite(grad_norm)
-                if finite:
-                    optimizer.step()
-                    bad_in_row = 0
-                else:
-                    skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-                    warnings.simplefilter("ignore", UserWarning)
-                    scheduler.step()
                 step += 1
                 dt = time.perf_counter() - t0
+                finite, grad_norm = res["finite"], res["grad_norm"]
+                bad_in_row = 0 if finite else bad_in_row + 1
+                skipped += not finite
                 record = {
                     "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": res["loss"], "lr": lr,
                     "grad_norm": grad_norm, "num_tokens": res["num_tokens"], "tokens": res["tokens"],
@@ -310,15 +326,14 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     record["mfu"] = flops / dt / (peak * info.world_size)
                 if not finite:
                     record["skipped"] = True
-                    log.write(
-                        f"step {step}: non-finite loss/grad norm ({res['loss']}, {grad_norm}); step skipped"
-                    )
+                losses.append(res["loss"])
+                log.log(record)
+                if not finite:
+                    log.write(f"step {step}: non-finite loss/grad norm ({res['loss']}, {grad_norm}); skipped")
                     if bad_in_row >= t.max_nonfinite_steps:
                         raise RuntimeError(
                             f"{bad_in_row} non-finite steps in a row (last: step {step}); aborting"
                         )
-                losses.append(res["loss"])
-                log.log(record)
                 if not cfg.log.progress_bar and step % cfg.log.logging_steps == 0:
                     log.write(
                         f"step {step}/{total} loss {res['loss']:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
@@ -328,13 +343,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     on_step(step, record)
                 boundary = snapshot()
                 if val_loader is not None and cfg.log.eval_steps and step % cfg.log.eval_steps == 0:
-                    log.log(
-                        {
-                            "step": step,
-                            "epoch": record["epoch"],
-                            "eval_loss": evaluate(model, val_loader, device),
-                        }
-                    )
+                    log_eval()
                 if c.save_steps and step % c.save_steps == 0:
                     last_saved = save("periodic")
                 if step >= total:
@@ -347,13 +356,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             if last_saved is None or last_saved.name != f"checkpoint-{step}":
                 save("end")
             if val_loader is not None and cfg.log.eval_steps and step % cfg.log.eval_steps:
-                log.log(
-                    {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "eval_loss": evaluate(model, val_loader, device),
-                    }
-                )
+                log_eval()
             if c.save_final:
                 export_hf(model, out / "final", tokenizer=tokenizer, dtype=DTYPES[c.final_dtype])
                 log.write(f"exported {out / 'final'}")
