@@ -74,7 +74,7 @@ class TrainConfig:
 class CheckpointConfig:
     output_dir: str = "output"
     save_steps: int = 500  # 0 = only at the end (and on SIGTERM)
-    save_total_limit: int | None = None
+    save_total_limit: int | None = None  # None (or -1): keep every checkpoint
     save_only_model: bool = False
     save_final: bool = True  # output_dir/final: consolidated HF safetensors
     final_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
@@ -117,6 +117,14 @@ def _key_table() -> dict[str, tuple[str, dataclasses.Field, Any]]:
 
 KEYS = _key_table()
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+# ms-swift spellings: --torch_dtype bf16, --save_total_limit -1 (keep all)
+_ALIASES = {
+    ("torch_dtype", "bf16"): "bfloat16",
+    ("torch_dtype", "fp32"): "float32",
+    ("final_dtype", "bf16"): "bfloat16",
+    ("final_dtype", "fp32"): "float32",
+    ("save_total_limit", -1): None,
+}
 
 
 def _convert(key: str, value: Any, where: str) -> Any:
@@ -158,6 +166,7 @@ def _convert(key: str, value: Any, where: str) -> Any:
             out = str(value)
     except (TypeError, ValueError):
         raise bad from None
+    out = _ALIASES.get((key, out), out)
     choices = f.metadata.get("choices")
     if choices and out not in choices:
         raise ValueError(f"bad value {value!r} for '{key}' ({where}): choose one of {', '.join(choices)}")

@@ -51,6 +51,8 @@ def test_config_file_then_command_line(tmp_path):
     t = tmp_path / "c.toml"
     t.write_text('dataset = ["a.jsonl"]\n[train]\nloss_name = "mean"\n')
     assert parse_config(["--config", str(t)]).train.loss_name == "mean"
+    swift = parse_config(["--dataset", "a", "--torch_dtype", "bf16", "--save_total_limit", "-1"])
+    assert swift.model.torch_dtype == "bfloat16" and swift.checkpoint.save_total_limit is None
 
 
 @pytest.mark.parametrize(
