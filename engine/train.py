@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from engine.checkpoint import (
     export_hf,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume,
     rng_state,
@@ -227,6 +228,12 @@ def train(cfg: Config, *, on_step=None) -> dict:
     out = Path(c.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(out, c.resume_from_checkpoint)
+    if (resume is None or c.resume_only_model) and list_checkpoints(out):
+        raise ValueError(
+            f"output_dir {out} already holds {list_checkpoints(out)[-1][1].name}: continue it with "
+            "--resume_from_checkpoint latest, or train into another output_dir"
+        )
 
     from engine.data import load_tokenizer
 
@@ -249,7 +256,6 @@ def train(cfg: Config, *, on_step=None) -> dict:
     )
 
     step = 0
-    resume = resolve_resume(out, c.resume_from_checkpoint)
     if resume is not None:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, only_model=c.resume_only_model)
         if state is not None:  # exact resume: schedule, data position, RNG

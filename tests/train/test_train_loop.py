@@ -178,6 +178,12 @@ def test_dataset_too_small_is_a_clear_error(tmp_path):
         run_inprocess(args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
 
 
+def test_refuses_to_overwrite_a_run(data, baseline):
+    out_a, _ = baseline
+    with pytest.raises(ValueError, match="already holds checkpoint-4.*resume_from_checkpoint latest"):
+        run_inprocess(args(data, out_a))
+
+
 def test_main_reports_config_errors(tmp_path, capsys):
     from engine.train import main
 
