@@ -1,5 +1,12 @@
-"""The SFT loop: `python -m engine.train --config examples/x.yaml [--key value ...]`, or under
-`torchrun --nproc_per_node N [--nnodes M ...] -m engine.train ...` (NCCL on GPU, gloo on CPU).
+"""The SFT loop. One process, or any number of torchrun ranks on one or many nodes (NCCL on GPU, gloo on CPU):
+
+    python -m engine.train --config examples/longwriter_qwen2_7b.yaml [--key value ...]
+    torchrun --nproc_per_node 4 -m engine.train --config examples/longwriter_qwen2_7b.yaml
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        -m engine.train ...                       (output_dir on a filesystem every node sees)
+    ... --resume_from_checkpoint latest          (after a crash or SIGTERM: continues exactly)
+    ... --resume_from_checkpoint RUN_DIR --resume_only_model --learning_rate 2e-6   (annealing stage)
+    python -m engine.train --help                (every key, its type and default)
 
 One optimizer step = gradient_accumulation_steps micro-batches per rank. Long-ce: the step's target tokens
 are counted and all-reduced before any forward, every micro-batch back-propagates sum(token losses) / count,

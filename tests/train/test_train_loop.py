@@ -178,6 +178,14 @@ def test_dataset_too_small_is_a_clear_error(tmp_path):
         run_inprocess(args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
 
 
+def test_neftune_hooks_fire_under_fsdp(data, baseline, tmp_path):
+    out_a, _ = baseline
+    run_inprocess(args(data, tmp_path, max_steps=1, neftune_noise_alpha=5))
+    noisy, clean = train_steps(tmp_path)[0], train_steps(out_a)[0]
+    assert noisy["num_tokens"] == clean["num_tokens"] and noisy["loss"] != clean["loss"]
+    assert noisy["loss"] == pytest.approx(clean["loss"], rel=0.05)  # noise, not a different model
+
+
 def test_refuses_to_overwrite_a_run(data, baseline):
     out_a, _ = baseline
     with pytest.raises(ValueError, match="already holds checkpoint-4.*resume_from_checkpoint latest"):
