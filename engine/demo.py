@@ -19,33 +19,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data" / "longwriter_demo.jsonl"
+CONFIG = REPO / "examples" / "demo_debug_qwen2.toml"
 
 
 def demo_flags(output_dir: Path, epochs: float, on_gpu: bool) -> list[str]:
-    flags = {
-        "model": "debug-qwen2",
-        "dataset": str(DATA),
-        "max_length": 2048,
-        "packing": "true",
-        "batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "num_train_epochs": epochs,
-        "learning_rate": 5e-3,
-        "warmup_ratio": 0.1,
-        "lr_scheduler_type": "cosine",
-        "loss_name": "long-ce",
-        "gradient_checkpointing": "true",
-        "neftune_noise_alpha": 5,
-        # bf16 autocast-free FSDP mixed precision is slow on CPU; the recipe's bf16 is for GPUs
-        "torch_dtype": "bfloat16" if on_gpu else "float32",
-        "loss_impl": "auto",
-        "output_dir": str(output_dir),
-        "save_steps": 10,
-        "save_total_limit": 2,
-        "logging_steps": 1,
-        "seed": 42,
-    }
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+    flags = ["--config", str(CONFIG), "--output_dir", str(output_dir), "--num_train_epochs", str(epochs)]
+    flags += ["--dataset", str(DATA)]  # absolute: the config's path is relative to the repository
+    return flags + (["--torch_dtype", "bfloat16"] if on_gpu else [])
 
 
 def main(argv: list[str] | None = None) -> int:
