@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 
 import pytest
@@ -58,6 +59,21 @@ def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
     assert b["steps"] == 4
+
+
+def test_resume_at_an_epoch_boundary(data, tmp_path):
+    """Saved after the last step of epoch 0, the resumed run starts epoch 1 (not epoch 0 again)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    first = run_inprocess(args(data, ref, max_steps=1, save_final=False))
+    spe = round(1 / train_steps(ref)[0]["epoch"])  # steps per epoch
+    assert first["steps"] == 1 and spe >= 2
+    shutil.rmtree(ref)
+    run_inprocess(args(data, ref, max_steps=spe + 2, save_steps=spe))
+    run_inprocess(args(data, run, max_steps=spe + 2, resume_from_checkpoint=ref / f"checkpoint-{spe}"))
+    a, b = train_steps(ref)[spe:], train_steps(run)
+    assert [r["step"] for r in b] == [spe + 1, spe + 2]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6) and rb["num_tokens"] == ra["num_tokens"]
 
 
 def test_sigterm_saves_and_resume_continues(data, baseline, tmp_path):
