@@ -16,7 +16,7 @@ IMPLS = ("auto", "triton", "torch")
 def _default_chunk_bytes(device: torch.device) -> int:
     # GPU: big chunks keep the three GEMMs efficient; 256 MiB bf16 is ~880 rows at V = 152,064.
     # CPU: small chunks stay in cache and keep peak memory low (tuned with benchmarks/bench_long_ce.py).
-    return 256 * 2**20 if device.type == "cuda" else 16 * 2**20
+    return 256 * 2**20 if device.type == "cuda" else 64 * 2**20
 
 
 def _check_inputs(hidden, weight, labels, bias) -> None:
@@ -83,7 +83,7 @@ def linear_cross_entropy(
     "auto" (Triton for CUDA tensors, the twin otherwise).
     check_labels: raise ValueError for labels outside [0, V) other than ignore_index (one host sync on
     CUDA); with False nothing syncs and such rows give a NaN loss.
-    chunk_bytes: size of the one [C, V] chunk buffer (default 256 MiB on CUDA, 16 MiB on CPU).
+    chunk_bytes: size of the one [C, V] chunk buffer (default 256 MiB on CUDA, 64 MiB on CPU).
 
     Under FSDP2 call this inside the forward of the module that owns `weight` (the lm_head or the root
     model), where FSDP has all-gathered it; from another method, register it with
@@ -112,7 +112,9 @@ def linear_cross_entropy(
         steps = TRITON_STEPS
     else:
         steps = TORCH_STEPS
-    return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, opts, steps)
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, labels, opts, steps, torch.is_grad_enabled()
+    )
 
 
 class LinearCrossEntropy(nn.Module):

@@ -102,9 +102,11 @@ def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, opts: LongCEOptions):
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LongCEOptions, steps: Steps):
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
+    def forward(ctx, hidden, weight, bias, labels, opts: LongCEOptions, steps: Steps, grad_enabled: bool):
+        # needs_input_grad stays True under torch.no_grad(), hence the caller's grad_enabled.
+        need_dx = grad_enabled and ctx.needs_input_grad[0]
+        need_dw = grad_enabled and ctx.needs_input_grad[1]
+        need_db = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         ctx.opts, ctx.steps = opts, steps
         ctx.needs = (need_dx, need_dw, need_db)
         ctx.weight_dtype = weight.dtype
@@ -147,7 +149,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )
             dw = None if dw is None else dw.to(ctx.weight_dtype)
             db = None if db is None else db.to(ctx.bias_dtype)
-            return dx, dw, db, None, None, None
+            return dx, dw, db, None, None, None, None
         if ctx.grads is None:
             raise RuntimeError(
                 "linear_cross_entropy: backward ran twice; its gradients are computed in the forward and "
@@ -162,4 +164,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for t in (dx, dw, db):
             if t is not None:
                 t.mul_(g)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None

@@ -83,6 +83,20 @@ def test_grad_flags_and_scaling():
         )
 
 
+def test_no_grad_skips_gradient_work(monkeypatch):
+    import kernels.long_ce_chunked as chunked
+
+    seen = []
+    real = chunked.chunked_pass
+    monkeypatch.setattr(chunked, "chunked_pass", lambda *a, **k: seen.append(k["need_dw"]) or real(*a, **k))
+    hidden, weight, labels, _ = make_inputs(8, 8, 16, torch.float32)
+    weight.requires_grad_()
+    with torch.no_grad():
+        linear_cross_entropy(hidden, weight, labels)
+    linear_cross_entropy(hidden, weight, labels)
+    assert seen == [False, True]
+
+
 def test_deterministic_bitwise():
     hidden, weight, labels, bias = make_inputs(70, 32, 130, torch.float32, bias=True)
     a = loss_and_grads(linear_cross_entropy, hidden, weight, labels, bias, 1.0, chunk_bytes=3000)
