@@ -20,6 +20,11 @@ def _default_chunk_bytes(device: torch.device) -> int:
 
 
 def _check_inputs(hidden, weight, labels, bias) -> None:
+    if any(type(t).__name__ == "DTensor" for t in (hidden, weight, bias)):
+        raise ValueError(
+            "linear_cross_entropy got a DTensor (a sharded FSDP2 parameter?): call it inside the forward of "
+            "the module that owns the weight, where FSDP has all-gathered it (see the docstring)"
+        )
     if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
         raise ValueError(
             f"expected hidden [N, H], weight [V, H], labels [N]; got {tuple(hidden.shape)}, "

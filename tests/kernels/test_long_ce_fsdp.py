@@ -79,6 +79,13 @@ def _worker(rank: int, world: int, port: int) -> None:
         total = loss.detach().clone()
         dist.all_reduce(total)
         torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+        # Outside the forward the weight is a sharded DTensor: refused with guidance, not silently wrong.
+        try:
+            linear_cross_entropy(torch.zeros(2, H), model.lm_head.weight, torch.zeros(2, dtype=torch.long))
+        except ValueError as e:
+            assert "DTensor" in str(e)
+        else:
+            raise AssertionError("a sharded weight was accepted")
         for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
     finally:
