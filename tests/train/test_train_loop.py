@@ -14,8 +14,9 @@ from train_testlib import base_args, load_final, make_dataset, read_metrics, run
 
 import engine.train as train_mod
 
-# every run of this module holds out 10% for evaluation every 2 steps
-EVAL = dict(split_dataset_ratio=0.1, eval_steps=2)
+# every run of this module holds out 10% for evaluation every 2 steps, and adds NEFTune noise (so exact
+# resume also checks the RNG state)
+EVAL = dict(split_dataset_ratio=0.1, eval_steps=2, neftune_noise_alpha=5)
 
 
 def args(data, out, **over):
@@ -31,6 +32,7 @@ PROBE_IDS = torch.tensor([[257, 72, 101, 108, 108, 111, 258, 10, 257, 33, 34, 35
 
 
 def _logits(model):
+    model.eval()  # no NEFTune noise
     with torch.no_grad():
         return model(PROBE_IDS).float().clone()
 
@@ -196,8 +198,8 @@ def test_dataset_too_small_is_a_clear_error(tmp_path):
 
 def test_neftune_hooks_fire_under_fsdp(data, baseline, tmp_path):
     out_a, _ = baseline
-    run_inprocess(args(data, tmp_path, max_steps=1, neftune_noise_alpha=5))
-    noisy, clean = train_steps(tmp_path)[0], train_steps(out_a)[0]
+    run_inprocess(args(data, tmp_path, max_steps=1, neftune_noise_alpha=0))
+    clean, noisy = train_steps(tmp_path)[0], train_steps(out_a)[0]
     assert noisy["num_tokens"] == clean["num_tokens"] and noisy["loss"] != clean["loss"]
     assert noisy["loss"] == pytest.approx(clean["loss"], rel=0.05)  # noise, not a different model
 
