@@ -82,7 +82,9 @@ class MetricsLogger:
             try:  # lazy: optional dependency
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.write("report_to tensorboard: the tensorboard package is not installed; metrics.jsonl only")
+                self.write(
+                    "report_to tensorboard: the tensorboard package is not installed; metrics.jsonl only"
+                )
             else:
                 self.tb = SummaryWriter(str(Path(output_dir) / "runs"))
 
