@@ -108,7 +108,10 @@ def rows_torch(
     eps = opts.label_smoothing
     z_y = z.gather(1, safe).squeeze(1)  # [C]
     z_sum = z.sum(-1) if eps else None
-    ls = torch.ops.aten._log_softmax.out(z, -1, False, out=z)  # log p, in place of z
+    if z.is_cuda:  # aliasing in/out is not a documented guarantee of the CUDA kernel
+        ls = torch.log_softmax(z, -1)
+    else:  # CPU: row-wise kernel, in place of z (tested against the out-of-place result)
+        ls = torch.ops.aten._log_softmax.out(z, -1, False, out=z)  # log p
     ls_y = ls.gather(1, safe).squeeze(1)
     lse = z_y - ls_y  # log-sum-exp, exact from any one column
     loss = -(1.0 - eps) * ls_y
