@@ -8,9 +8,11 @@
 Workload: documents with LongWriter-like lengths (benchmarks.bench_data.longwriter_lengths: lognormal long
 replies mixed with short chat samples), scaled to max_length / 28,672, random token ids, the first 10% of
 each document a prompt (labels -100). Optimizer step k holds the documents of one best-fit-decreasing packed
-row, whatever the configuration: packed = that row as one [1, T] micro-batch with cu_seqlens / position_ids;
-unpacked = the same documents as padded micro-batches (rows x longest <= max_length) with gradient
-accumulation. So every configuration trains on the same tokens and its first-step loss is the same number.
+row, whatever the layout: "packed" = that row as one [1, T] micro-batch with cu_seqlens / position_ids;
+"padded" = one document per row, micro-batches of rows x longest <= max_length padded to their longest;
+"bs1" = one document per micro-batch (the LongWriter recipe's packing off, batch_size 1). Unpacked layouts
+accumulate gradients over their micro-batches. So every configuration trains on the same tokens and its
+first-step loss is the same number. --nproc N runs the engine under torchrun, every rank on the same steps.
 
 Every configuration runs in a fresh subprocess (clean allocator, clean peak-memory counters, Liger's
 monkey-patching cannot leak). A step = forward + backward of all its micro-batches + gradient clipping +
@@ -35,6 +37,7 @@ in this run (1024^3 matmuls), so CPU "MFU" is against what this machine's BLAS r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import gc
@@ -45,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +60,28 @@ REF_LENGTH = 28672  # the LongWriter max_length the length distribution is defin
 
 
 # ------------------------------------------------------------------------------------------ configurations
+LAYOUTS = ("packed", "padded", "bs1")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     provider: str  # "engine" | "transformers" | "transformers+liger"
-    packing: bool = True
+    # "packed": the step's documents in one row (cu_seqlens / position_ids); "padded": one document per row,
+    # micro-batches of rows x longest <= max_length padded to their longest; "bs1": one document per
+    # micro-batch, no padding (the LongWriter ms-swift recipe: packing off, batch_size 1, accumulation).
+    layout: str = "packed"
     loss: str = (
         "plain"  # engine: "triton" | "twin" (kernels impl="torch") | "plain" (logits + F.cross_entropy)
     )
     ac: str = "off"  # "off" | "full" | "every2" (every k-th block, k=2; engine only)
 
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
     @property
     def mode(self) -> str:
-        return f"{'packed' if self.packing else 'unpacked'} loss={self.loss} ac={self.ac}"
+        return f"{self.layout} loss={self.loss} ac={self.ac}"
 
     @property
     def name(self) -> str:
@@ -78,36 +91,41 @@ class BenchConfig:
 def cpu_configs() -> list[BenchConfig]:
     E, HF = "engine", "transformers"
     return [
-        BenchConfig(E, True, "twin", "off"),
-        BenchConfig(E, True, "plain", "off"),
-        BenchConfig(E, True, "twin", "full"),
-        BenchConfig(E, True, "twin", "every2"),
-        BenchConfig(E, False, "twin", "off"),
-        BenchConfig(HF, True, "plain", "off"),
-        BenchConfig(HF, False, "plain", "off"),
-        BenchConfig(HF, True, "plain", "full"),
-        BenchConfig("transformers+liger", True, "liger", "off"),
+        BenchConfig(E, "packed", "twin", "off"),
+        BenchConfig(E, "packed", "plain", "off"),
+        BenchConfig(E, "packed", "twin", "full"),
+        BenchConfig(E, "packed", "twin", "every2"),
+        BenchConfig(E, "padded", "twin", "off"),
+        BenchConfig(E, "bs1", "twin", "off"),
+        BenchConfig(HF, "packed", "plain", "off"),
+        BenchConfig(HF, "padded", "plain", "off"),
+        BenchConfig(HF, "packed", "plain", "full"),
+        BenchConfig("transformers+liger", "packed", "liger", "off"),
     ]
 
 
 def gpu_configs() -> list[BenchConfig]:
     E, HF = "engine", "transformers"
     return [
-        BenchConfig(E, True, "triton", "full"),  # the goal configuration
-        BenchConfig(E, True, "twin", "full"),
-        BenchConfig(E, True, "plain", "full"),
-        BenchConfig(E, True, "triton", "off"),
-        BenchConfig(E, True, "triton", "every2"),
-        BenchConfig(E, False, "triton", "full"),
-        BenchConfig(HF, True, "plain", "full"),  # the baseline of the goal
-        BenchConfig(HF, False, "plain", "full"),
-        BenchConfig(HF, True, "plain", "off"),
-        BenchConfig("transformers+liger", True, "liger", "full"),
+        BenchConfig(E, "packed", "triton", "full"),  # the goal configuration
+        BenchConfig(E, "packed", "twin", "full"),
+        BenchConfig(E, "packed", "plain", "full"),
+        BenchConfig(E, "packed", "triton", "off"),
+        BenchConfig(E, "packed", "triton", "every2"),
+        BenchConfig(E, "padded", "triton", "full"),
+        BenchConfig(E, "bs1", "triton", "full"),  # examples/longwriter_qwen2_7b.yaml's layout
+        BenchConfig(HF, "packed", "plain", "full"),  # the baseline of the goal
+        BenchConfig(HF, "padded", "plain", "full"),
+        BenchConfig(HF, "packed", "plain", "off"),
+        BenchConfig("transformers+liger", "packed", "liger", "full"),
     ]
 
 
 def smoke_configs() -> list[BenchConfig]:
-    return [BenchConfig("engine", True, "twin", "off"), BenchConfig("transformers", True, "plain", "off")]
+    return [
+        BenchConfig("engine", "packed", "twin", "off"),
+        BenchConfig("transformers", "packed", "plain", "off"),
+    ]
 
 
 @dataclass
@@ -122,7 +140,7 @@ class RunSpec:
     seed: int = 0
     hf_dir: str | None = None  # HF checkpoint of the same random weights (transformers providers)
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
+    nproc: int = 1  # > 1: the engine under torchrun, every rank on the same steps (per-device numbers)
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -132,7 +150,7 @@ def doc_lengths_pool(max_length: int, n_rows: int, seed: int) -> list[list[int]]
     from engine.data import pack_lengths
 
     scale = max_length / REF_LENGTH
-    n_long = max(8, int(n_rows * 6))  # ~4,100 tokens on average: ~7 long documents per 28,672 row
+    n_long = max(64, n_rows * 30)  # a pool of ~4x the rows needed: BFD fills rows to ~99% on a large pool
     lengths = longwriter_lengths(n_long, n_long // 2, seed=seed)
     lengths = np.clip(np.round(lengths * scale), 8, max_length).astype(np.int64)
     plan = pack_lengths(lengths, max_length, seed=seed)
@@ -153,7 +171,7 @@ def make_document(length: int, vocab: int, rng: np.random.Generator) -> tuple[np
     return ids, labels
 
 
-def make_steps(vocab: int, max_length: int, n_steps: int, seed: int, packing: bool) -> list[list[dict]]:
+def make_steps(vocab: int, max_length: int, n_steps: int, seed: int, layout: str) -> list[list[dict]]:
     """Micro-batches (engine.data.collate_rows dicts + "row_lengths") of every optimizer step."""
     from engine.data import collate_rows
 
@@ -161,13 +179,15 @@ def make_steps(vocab: int, max_length: int, n_steps: int, seed: int, packing: bo
     steps = []
     for row in doc_lengths_pool(max_length, n_steps, seed):
         docs = [make_document(n, vocab, rng) for n in row]
-        if packing:
+        if layout == "packed":
             groups = [[docs]]  # one micro-batch, one row holding every document
+        elif layout == "bs1":
+            groups = [[[d]] for d in docs]
         else:  # one document per row; micro-batches of similar lengths under a max_length token budget
             docs = sorted(docs, key=lambda d: -len(d[0]))
             groups, cur = [], []
-            for d in docs:
-                if cur and (len(cur) + 1) * len(cur[0][0]) > max_length:
+            for d in docs:  # longest first: cur[0] holds the longest row of the micro-batch
+                if cur and (len(cur) + 1) * len(cur[0][0][0]) > max_length:
                     groups.append(cur)
                     cur = []
                 cur.append([d])
@@ -302,19 +322,20 @@ def _hf_runner(spec: RunSpec, cfg: BenchConfig, device):
     elif cfg.ac != "off":
         raise ValueError(f"transformers has no {cfg.ac!r} activation checkpointing")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=device.type == "cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def step(micro_batches):
         n_target = sum(mb["num_target_tokens"] for mb in micro_batches)
         n_items = torch.tensor(n_target, device=device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for mb in micro_batches:
             ids = mb["input_ids"].to(device, non_blocking=True)
             # HF shifts labels inside; ours are aligned: shift them right so HF's shift restores them.
             hf_labels = torch.full_like(mb["labels"], -100)
             hf_labels[:, 1:] = mb["labels"][:, :-1]
             kw = {}
-            if cfg.packing:  # no attention mask: transformers derives the documents from position_ids
+            # packed: no attention mask, transformers derives the documents from position_ids
+            if cfg.layout == "packed":
                 kw["position_ids"] = mb["position_ids"].to(device, non_blocking=True)
             else:
                 B, T = ids.shape
@@ -329,21 +350,13 @@ def _hf_runner(spec: RunSpec, cfg: BenchConfig, device):
                     **kw,
                 )
             out.loss.backward()
-            total += out.loss.detach().float().item()
+            total += out.loss.detach().float()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return total
+        return total.item()  # one host sync per step, as the engine's step
 
     return step, {"attn_impl": attn, "params": sum(p.numel() for p in model.parameters())}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _warm_runtime() -> None:
@@ -369,9 +382,13 @@ def run_worker(spec: RunSpec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     cfg = BenchConfig(**spec.config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     args = resolve_args(spec.flavour)
-    data = make_steps(args.vocab_size, spec.max_length, spec.warmup + spec.steps, spec.seed, cfg.packing)
+    data = make_steps(args.vocab_size, spec.max_length, spec.warmup + spec.steps, spec.seed, cfg.layout)
     # Import what the run needs before the memory baseline, so the delta is the run's own memory.
     if cfg.provider.startswith("transformers"):
         import transformers  # noqa: F401
@@ -396,6 +413,8 @@ def run_worker(spec: RunSpec) -> dict:
     try:
         if cfg.provider == "engine":
             step, info = _engine_runner(spec, cfg, device)
+        elif spec.nproc > 1:
+            raise ImportError("transformers baselines run in one process (multi-GPU needs accelerate/FSDP)")
         else:
             step, info = _hf_runner(spec, cfg, device)
         out.update(info)
@@ -403,11 +422,14 @@ def run_worker(spec: RunSpec) -> dict:
         for k, mbs in enumerate(data):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step(mbs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            records.append({"time": time.perf_counter() - t0, "loss": loss, "warmup": k < spec.warmup})
+            records.append(
+                {"time": time.perf_counter() - t0, "cpu_time": time.process_time() - c0, "loss": loss,
+                 "warmup": k < spec.warmup}
+            )  # fmt: skip
             records[-1].update(step_stats(mbs))
         out["steps"] = records
     except ImportError as e:
@@ -501,6 +523,9 @@ def launch(spec: RunSpec, timeout: float, isolate: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "out.json")
         cmd = [sys.executable, "-m", "benchmarks.bench_train", "--worker", json.dumps(asdict(spec)), "--worker-out", out_path]  # fmt: skip
+        if spec.nproc > 1:
+            run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.nproc}"]
+            cmd = [sys.executable, *run, *cmd[1:]]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         try:
             p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -532,7 +557,7 @@ def pcts(values) -> tuple[float, float, float]:
     return float(p20), float(p50), float(p80)
 
 
-def summarize(result: dict, args, peak: float) -> dict[str, tuple[str, list[float]]]:
+def summarize(result: dict, args, peak: float, cuda: bool) -> dict[str, tuple[str, list[float]]]:
     """metric -> (unit, per-step values) over the measured steps."""
     from engine.metrics import step_flops
 
@@ -545,6 +570,9 @@ def summarize(result: dict, args, peak: float) -> dict[str, tuple[str, list[floa
         "mfu_row": ("fraction", [step_flops(args, s["row_tokens"], s["sum_sq_row"]) / s["time"] / peak for s in steps]),
         "mfu_doc": ("fraction", [step_flops(args, s["tokens"], s["sum_sq_doc"]) / s["time"] / peak for s in steps]),
         "peak_memory": ("MiB", [result["peak_memory_mib"]]),
+        # CPU seconds of the process (all threads): on a shared CPU it moves less with other jobs' load
+        # than wall time does, so it ranks configurations more reliably there. Not used on GPU.
+        **({} if cuda else {"tokens_per_cpu_s": ("tokens/CPU-s", [s["tokens"] / s["cpu_time"] for s in steps])}),
         "loss_step1": ("nats", [result["steps"][0]["loss"]]),
     }  # fmt: skip
     return out
@@ -590,7 +618,7 @@ def run_suite(ns) -> int:
         ns.in_process = True
         configs, flavour, T, warmup, steps, rounds = smoke_configs(), "debug-qwen2", 256, 1, 2, 1
     elif ns.quick:
-        configs, flavour, T, warmup, steps, rounds = cpu_configs(), "debug-qwen2", 2048, 2, 8, 2
+        configs, flavour, T, warmup, steps, rounds = cpu_configs(), "debug-qwen2", 2048, 2, 10, 1
     else:
         if not cuda:
             print("error: the full mode needs a CUDA GPU; use --quick on CPU", file=sys.stderr)
@@ -598,7 +626,11 @@ def run_suite(ns) -> int:
         configs, flavour, T, warmup, steps, rounds = gpu_configs(), "qwen2.5-0.5b", 28672, 3, 10, 1
     flavour = ns.flavour or flavour
     T, warmup, steps = ns.max_length or T, ns.warmup if ns.warmup is not None else warmup, ns.steps or steps
-    rounds = ns.rounds or rounds
+    rounds, nproc = ns.rounds or rounds, ns.nproc or 1
+    # CPU: one thread per worker by default. On a machine shared with other jobs, a second OpenMP thread
+    # waits at every barrier for a core someone else holds: a 256x64x128 matmul then stalls ~16 ms at p99
+    # instead of ~0.2 ms, and step times swing 10x between identical runs.
+    threads = ns.threads or (None if cuda else 1)
     if ns.only:
         configs = [c for c in configs if any(s in c.name for s in ns.only)]
     args = resolve_args(flavour)
@@ -615,12 +647,14 @@ def run_suite(ns) -> int:
             print("error: unknown GPU peak; add it to engine.metrics.PEAK_BF16", file=sys.stderr)
             return 2
     else:
-        peak = cpu_gemm_peak(ns.threads, reps=5 if ns.smoke else 20)
+        peak = cpu_gemm_peak(threads, reps=5 if ns.smoke else 20)
         peak_note = f"best fp32 1024^3 GEMM measured in this run: {peak / 1e9:.1f} GFLOP/s"
-    probe = make_steps(args.vocab_size, T, warmup + steps, 0, True)
+    probe = make_steps(args.vocab_size, T, warmup + steps, 0, "packed")
     fills = [step_stats(s)["tokens"] / T for s in probe]
     docs = [len(s[0]["doc_lengths"]) for s in probe]
-    shape = f"{flavour} T={T} {'bf16' if cuda else 'fp32'} docs/step={np.mean(docs):.1f}"
+    shape = f"{flavour} T={T} {'bf16' if cuda else 'fp32'} docs/step={np.mean(docs):.1f}" + (
+        f" ranks={nproc}" if nproc > 1 else ""
+    )
     print(f"{len(configs)} configs, {shape}, warmup {warmup}, steps {steps}; peak {peak_note}", flush=True)
 
     table, rows = [], []
@@ -633,11 +667,13 @@ def run_suite(ns) -> int:
         results: dict[str, list[dict]] = {c.name: [] for c in configs}
         for r in range(rounds):
             for c in configs:
-                spec = RunSpec(
-                    asdict(c), flavour, T, warmup, steps, seed=0, hf_dir=hf_dir, threads=ns.threads
-                )
+                spec = RunSpec(asdict(c), flavour, T, warmup, steps, hf_dir=hf_dir, threads=threads, nproc=nproc)  # fmt: skip
                 t0 = time.perf_counter()
-                res = launch(spec, ns.timeout, isolate=not ns.in_process)
+                if nproc > 1 and c.provider != "engine":
+                    res = {"status": "skipped", "config": spec.config,
+                           "reason": "transformers baselines run in one process (multi-GPU needs accelerate/FSDP)"}  # fmt: skip
+                else:
+                    res = launch(spec, ns.timeout, isolate=not ns.in_process)
                 results[c.name].append(res)
                 msg = res["status"] if res["status"] != "ok" else (
                     f"{np.median([s['tokens'] / s['time'] for s in res['steps'] if not s['warmup']]):9.0f} tok/s  "
@@ -647,7 +683,7 @@ def run_suite(ns) -> int:
                       f"{res.get('reason', '')[:80]}", flush=True)  # fmt: skip
     for c in configs:
         res = merge_rounds(results[c.name])
-        summary = summarize(res, args, peak)
+        summary = summarize(res, args, peak, cuda)
         table.append(
             {"name": c.name, "provider": c.provider, "mode": c.mode, "status": res["status"],
              "reason": res.get("reason", ""), "attn_impl": res.get("attn_impl", ""),
@@ -678,14 +714,14 @@ def run_suite(ns) -> int:
     stem = f"train_{env['slug']}_{env['date'][:10]}" + ("_smoke" if ns.smoke else "")
     plot(table, results_dir / f"{stem}.png", f"bench_train {shape} | {env['device']} | {env['date']}")
     cmd = "python -m benchmarks.bench_train " + " ".join(ns.argv)
-    report = render_report(table, env, cmd, shape, peak_note, (warmup, steps, rounds), fills, docs, load_before, load_after, cuda)  # fmt: skip
+    report = render_report(table, env, cmd, shape, peak_note, (warmup, steps, rounds, threads), fills, docs, load_before, load_after, cuda)  # fmt: skip
     (results_dir / f"{stem}.md").write_text(report)
     print(f"appended {len(rows)} rows to {csv_path}; wrote {stem}.md and {stem}.png")
     return 0
 
 
 def render_report(table, env, cmd, shape, peak_note, schedule, fills, docs, load_before, load_after, cuda) -> str:  # fmt: skip
-    warmup, steps, rounds = schedule
+    warmup, steps, rounds, threads = schedule
     ok = {r["name"]: r for r in table if r["status"] == "ok"}
     lines = [
         f"# Training benchmark: {env['device']}, {env['date'][:10]}",
@@ -699,26 +735,32 @@ def render_report(table, env, cmd, shape, peak_note, schedule, fills, docs, load
         f"with {warmup} warm-up steps discarded and {steps} measured; one step = the documents of "
         f"one packed row ({np.mean(docs):.1f} documents, row fill {np.mean(fills):.4f} on average)",
         f"- peak FLOP/s for MFU: {peak_note}",
+        f"- torch threads per worker: {threads or 'torch default'}",
         f"- peak memory: {next((r['memory_method'] for r in table if r['memory_method']), 'n/a')}",
         "",
-        "| configuration | tokens/s p50 (p20–p80) | step time s | MFU row | MFU doc | peak memory MiB | loss step 1 | attention |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | tokens/s p50 (p20–p80) | step time s | MFU row | MFU doc | peak memory MiB | "
+        + ("" if cuda else "tokens/CPU-s p50 | ")
+        + "loss step 1 | attention |",
+        "|---|---|---|---|---|---|---|---|" + ("" if cuda else "---|"),
     ]
     for r in table:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | {r['status']}: {r['reason'][:120]} | | | | | | |")
+            lines.append(f"| {r['name']} | {r['status']}: {r['reason'][:120]} |" + " |" * (6 if cuda else 7))
             continue
         p = r["p"]
         lines.append(
             f"| {r['name']} | {fmt_p(p['tokens_per_s'], '{:.0f}')} | {p['step_time'][1]:.4g} | "
             f"{p['mfu_row'][1]:.4f} | {p['mfu_doc'][1]:.4f} | {p['peak_memory'][1]:.1f} | "
-            f"{p['loss_step1'][1]:.6f} | {r['attn_impl']} |"
+            + ("" if cuda else f"{p['tokens_per_cpu_s'][1]:.0f} | ")
+            + f"{p['loss_step1'][1]:.6f} | {r['attn_impl']} |"
         )
     base = next((ok[n] for n in ok if n.startswith("transformers packed loss=plain")), None)
     if base is not None:
-        lines += ["", f"Speed-up in tokens/s (p50) against `{base['name']}`:", ""]
+        metrics = ["tokens_per_s"] + ([] if cuda else ["tokens_per_cpu_s"])
+        lines += ["", f"Speed-up (p50 over p50) against `{base['name']}`, in {' and '.join(metrics)}:", ""]
         for name, r in ok.items():
-            lines.append(f"- {name}: {r['p']['tokens_per_s'][1] / base['p']['tokens_per_s'][1]:.2f}x")
+            ratios = [f"{r['p'][m][1] / base['p'][m][1]:.2f}x" for m in metrics]
+            lines.append(f"- {name}: {' / '.join(ratios)}")
     losses = [r["p"]["loss_step1"][1] for r in ok.values()]
     if losses:
         lines += ["", f"First-step loss over all configurations: {min(losses):.6f} .. {max(losses):.6f} "
@@ -733,8 +775,9 @@ def render_report(table, env, cmd, shape, peak_note, schedule, fills, docs, load
     if not cuda:
         lines += [
             "",
-            "CPU notes: the machine is shared with other jobs, so the p20–p80 spread is wide and the numbers "
-            "rank configurations only roughly. The debug flavour (hidden 64, vocab 512) is dominated by "
+            "CPU notes: the machine is shared with other jobs, so the p20–p80 spread is wide and wall-clock "
+            "numbers rank configurations only roughly; tokens per CPU-second (process CPU time, all threads) "
+            "moves less with the load and is the better guide here. The debug flavour (hidden 64, vocab 512) is dominated by "
             "per-op overhead: a fused loss cannot win over a 512-column vocabulary, and MFU is far from what "
             "the same code reaches on a GPU. The GPU mode is the measurement that matters: "
             "`python -m benchmarks.bench_train` on a CUDA machine.",
@@ -867,16 +910,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-length", type=int, help="tokens per packed row")
     ap.add_argument("--warmup", type=int, help="steps discarded")
     ap.add_argument("--steps", type=int, help="steps measured")
-    ap.add_argument("--rounds", type=int, help="interleaved repeats of the whole set (quick: 2, GPU: 1)")
+    ap.add_argument("--rounds", type=int, help="interleaved repeats of the whole set (default 1)")
     ap.add_argument("--only", nargs="*", help="run configurations whose name contains one of these")
-    ap.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (CPU default 1; GPU: torch's)")
     ap.add_argument(
         "--in-process", action="store_true", help="no subprocess per configuration (--smoke does this)"
     )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     ap.add_argument("--results-dir", default=str(RESULTS))
     ap.add_argument("--plan", metavar="FLAVOUR", help="write the memory plan + throughput projection")
-    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument(
+        "--nproc", type=int, help="--plan: GPUs (default 4); suite: engine ranks under torchrun (1)"
+    )
     ap.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS))
     ap.add_argument("--mfu", type=float, default=0.55)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -886,13 +931,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.worker:
         spec = RunSpec(**json.loads(ns.worker))
         res = run_worker(spec)
-        with open(ns.worker_out, "w") as f:
-            json.dump(res, f)
+        if int(os.environ.get("RANK", 0)) == 0:  # rank 0 reports (its own step times and memory)
+            with open(ns.worker_out, "w") as f:
+                json.dump(res, f)
         return 0
     if ns.plan:
         T = ns.max_length or REF_LENGTH
         name = f"{ns.plan.replace('.', '_').replace('-', '_')}_plan.md"
-        print(write_plan(ns.plan, ns.nproc, ns.gpu, T, ns.mfu, Path(ns.results_dir) / name))
+        print(write_plan(ns.plan, ns.nproc or 4, ns.gpu, T, ns.mfu, Path(ns.results_dir) / name))
         return 0
     return run_suite(ns)
 
