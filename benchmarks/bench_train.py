@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -53,9 +50,19 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import (
+    CSV_FIELDS,
+    append_rows,
+    device_slug,
+    environment,
+    peak_memory_bytes,
+    percentiles,
+    synchronize,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-FIELDS = ["provider", "mode", "metric", "unit", "shape", "p20", "p50", "p80", "device", "versions", "git_sha", "date"]  # fmt: skip
+FIELDS = CSV_FIELDS
 REF_LENGTH = 28672  # the LongWriter max_length the length distribution is defined for
 
 
@@ -212,37 +219,6 @@ def step_stats(micro_batches: list[dict]) -> dict:
         out["sum_sq_row"] += B * T * T
         out["n_target"] += mb["num_target_tokens"]
     return out
-
-
-# ------------------------------------------------------------------------------------------------- memory
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class CpuPeakMemory:
-    """Resident-set high-water mark since start(), minus the resident set at start() (Linux /proc)."""
-
-    def start(self) -> None:
-        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "VmHWM after clear_refs reset"
-        except OSError:
-            self.method = "ru_maxrss (not reset: includes the import peak)"
-        self.base_kib = _proc_status_kib("VmRSS") or 0
-
-    def peak_mib(self) -> float:
-        import resource
-
-        hwm = _proc_status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (hwm - self.base_kib) / 1024
 
 
 # ------------------------------------------------------------------------------------------------- worker
@@ -403,14 +379,10 @@ def run_worker(spec: RunSpec) -> dict:
     had_group = dist.is_initialized()
     if device.type == "cpu":
         _warm_runtime()
-    mem = CpuPeakMemory()
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        mem.start()
     out = {"status": "ok", "config": spec.config, "threads": torch.get_num_threads()}
-    try:
+
+    def run() -> None:
         if cfg.provider == "engine":
             step, info = _engine_runner(spec, cfg, device)
         elif spec.nproc > 1:
@@ -420,73 +392,40 @@ def run_worker(spec: RunSpec) -> dict:
         out.update(info)
         records = []
         for k, mbs in enumerate(data):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
             loss = step(mbs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             records.append(
                 {"time": time.perf_counter() - t0, "cpu_time": time.process_time() - c0, "loss": loss,
                  "warmup": k < spec.warmup}
             )  # fmt: skip
             records[-1].update(step_stats(mbs))
         out["steps"] = records
+
+    if device.type == "cuda":
+        out["memory_method"] = "torch.cuda.max_memory_allocated over the whole run (benchmarks.common)"
+    else:
+        out["memory_method"] = (
+            "CPU resident-set high-water mark (VmHWM) minus the RSS before the run, after a toy warm-up "
+            "step, in a fresh process per configuration unless --in-process/--smoke (benchmarks.common.peak_memory_bytes)"
+        )
+    try:
+        out["peak_memory_mib"] = peak_memory_bytes(run, device) / 2**20
     except ImportError as e:
         out.update(status="skipped", reason=str(e))
     except torch.OutOfMemoryError as e:
         out.update(status="oom", reason=str(e).splitlines()[0])
     except Exception as e:  # a failing configuration is a row in the report, not the end of the suite
         out.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if device.type == "cuda":
-        out["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["memory_method"] = "torch.cuda.max_memory_allocated (whole run)"
-    else:
-        out["peak_memory_mib"] = mem.peak_mib()
-        out["memory_method"] = f"CPU RSS high-water mark delta after a toy warm-up step ({mem.method})"
+    if out["status"] != "ok" and device.type == "cuda":
+        out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if dist.is_initialized() and not had_group:  # in-process runs leave no process group behind
         dist.destroy_process_group()
     return out
 
 
 # ------------------------------------------------------------------------------------------------- parent
-def environment() -> dict:
-    import torch
-    import transformers
-
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        device, slug = f"cuda: {name}", _slug(name)
-    else:
-        device, slug = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}", "cpu"
-    try:
-        from importlib.metadata import version
-
-        import liger_kernel  # noqa: F401
-
-        liger = version("liger-kernel")
-    except ImportError:
-        liger = "not installed"
-    return {
-        "device": device,
-        "slug": slug,
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, liger-kernel {liger}",
-        "git_sha": (sha.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else ""),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def _slug(name: str) -> str:
-    low = name.lower()
-    for key in ("h200", "h100", "h800", "a100", "a800", "l40s"):
-        if key in low:
-            return key
-    return "".join(c if c.isalnum() else "-" for c in low).strip("-")
-
-
 def cpu_gemm_peak(threads: int | None = None, n: int = 1024, reps: int = 20) -> float:
     """Best fp32 GEMM FLOP/s of this machine right now (the CPU stand-in for a datasheet peak)."""
     import torch
@@ -553,8 +492,8 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def pcts(values) -> tuple[float, float, float]:
-    p20, p50, p80 = np.percentile(np.asarray(values, dtype=np.float64), [20, 50, 80])
-    return float(p20), float(p50), float(p80)
+    p20, p50, p80 = percentiles(list(values))
+    return p20, p50, p80
 
 
 def summarize(result: dict, args, peak: float, cuda: bool) -> dict[str, tuple[str, list[float]]]:
@@ -634,7 +573,11 @@ def run_suite(ns) -> int:
     if ns.only:
         configs = [c for c in configs if any(s in c.name for s in ns.only)]
     args = resolve_args(flavour)
-    env = environment()
+    dev = torch.device("cuda" if cuda else "cpu")
+    if threads:
+        torch.set_num_threads(threads)  # before environment(): the CPU device name carries the thread count
+    env = environment(dev)
+    slug = device_slug(dev)
     results_dir = Path(ns.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -705,13 +648,8 @@ def run_suite(ns) -> int:
     load_after = os.getloadavg()
 
     csv_path = results_dir / "train.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    stem = f"train_{env['slug']}_{env['date'][:10]}" + ("_smoke" if ns.smoke else "")
+    append_rows(csv_path, rows)
+    stem = f"train_{slug}_{env['date'][:10]}" + ("_smoke" if ns.smoke else "")
     plot(table, results_dir / f"{stem}.png", f"bench_train {shape} | {env['device']} | {env['date']}")
     cmd = "python -m benchmarks.bench_train " + " ".join(ns.argv)
     report = render_report(table, env, cmd, shape, peak_note, (warmup, steps, rounds, threads), fills, docs, load_before, load_after, cuda)  # fmt: skip
