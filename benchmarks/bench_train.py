@@ -28,10 +28,12 @@ Metrics (long-format rows in results/train.csv, percentiles over the measured st
                 checkpointing is not counted in either (MFU, not HFU).
   peak_memory   GPU: torch.cuda.max_memory_allocated over the whole run (params, grads, AdamW, activations).
                 CPU: high-water mark of the resident set (VmHWM, reset through /proc/self/clear_refs after the
-                imports) minus the resident set at that moment, in the fresh subprocess.
+                imports and a toy warm-up step) minus the resident set at that moment, in the fresh
+                subprocess (benchmarks.common.peak_memory_bytes).
   loss_step1    the first step's loss (same weights, same tokens: every provider should agree).
+  tokens_per_cpu_s  (CPU only) real tokens per process CPU-second.
 Peak FLOP/s: the bf16 dense peak of engine.metrics.PEAK_BF16 on GPU; on CPU the best fp32 GEMM rate measured
-in this run (1024^3 matmuls), so CPU "MFU" is against what this machine's BLAS reaches, not a datasheet.
+in this run (1024^3 matmuls, same thread count), so CPU "MFU" is against what this machine's BLAS reaches.
 """
 
 from __future__ import annotations
@@ -512,8 +514,8 @@ def summarize(result: dict, args, peak: float, cuda: bool) -> dict[str, tuple[st
         "mfu_row": ("fraction", [step_flops(args, s["row_tokens"], s["sum_sq_row"]) / s["time"] / peak for s in steps]),
         "mfu_doc": ("fraction", [step_flops(args, s["tokens"], s["sum_sq_doc"]) / s["time"] / peak for s in steps]),
         "peak_memory": ("MiB", [result["peak_memory_mib"]]),
-        # CPU seconds of the process (all threads): on a shared CPU it moves less with other jobs' load
-        # than wall time does, so it ranks configurations more reliably there. Not used on GPU.
+        # CPU seconds of the process (all threads); with one thread, well above tokens_per_s means the
+        # worker waited for a core held by another job. Not recorded on GPU.
         **({} if cuda else {"tokens_per_cpu_s": ("tokens/CPU-s", [s["tokens"] / s["cpu_time"] for s in steps])}),
         "loss_step1": ("nats", [result["steps"][0]["loss"]]),
     }  # fmt: skip
@@ -717,7 +719,9 @@ def render_report(table, env, cmd, shape, peak_note, schedule, fills, docs, load
         lines += [
             "",
             "CPU notes: the machine is shared with other jobs, so wall-clock numbers rank configurations "
-            "only roughly; tokens per CPU-second (process CPU time, all threads) moves less with the load. "
+            "only roughly (consecutive runs differ by up to ~30% per configuration; --rounds N pools N "
+            "interleaved runs). Tokens per CPU-second close to tokens/s means the worker was rarely waiting "
+            "for a core. "
             "At the debug flavour's vocabulary of 512 the output projection is a small part of a step, so the "
             "loss implementations differ little in speed (the logits they avoid are a few MiB); MFU is "
             "against this machine's measured GEMM rate and says little about a GPU. The GPU mode is the "
