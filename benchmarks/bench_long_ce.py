@@ -93,34 +93,32 @@ def providers(device: torch.device, names: list[str] | None) -> dict[str, Callab
     return chosen
 
 
-def bench_case(fn, mode, n, h, v, dtype, device, warmup, reps):
+def make_cases(provs: dict[str, Callable], mode: str, n, h, v, dtype, device) -> dict:
+    """(run, setup) per provider on one shared set of inputs."""
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float32).to(device, dtype)
     weight = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype)
-    labels = torch.randint(0, v, (n,), generator=g).to(device)
-    labels[torch.rand(n, generator=g).to(device) < 0.1] = -100
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                fn(hidden, weight, labels)
-
-        setup = None
-    else:
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.1] = -100
+    labels = labels.to(device)
+    if mode == "fwd+bwd":
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
 
-        def run():
-            fn(hidden, weight, labels).backward()
+    def setup():
+        hidden.grad = weight.grad = None
 
-        def setup():
-            hidden.grad = weight.grad = None
+    def case(fn):
+        if mode == "fwd":
 
-    times, peaks = common.measure(run, device, warmup=warmup, reps=reps, setup=setup)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return times, peaks
+            def run():
+                with torch.no_grad():
+                    fn(hidden, weight, labels)
+
+            return run, None
+        return (lambda: fn(hidden, weight, labels).backward()), setup
+
+    return {name: case(fn) for name, fn in provs.items()}
 
 
 def run(args) -> Path:
@@ -147,27 +145,30 @@ def run(args) -> Path:
         shape = f"{name}:N={n},H={h},V={v},{str(dtype).removeprefix('torch.')}"
         for mode in modes:
             flops = (2 if mode == "fwd" else 6) * n * h * v
-            for prov, fn in provs.items():
-                try:
-                    times, peaks = bench_case(fn, mode, n, h, v, dtype, device, args.warmup, args.reps)
-                except (torch.OutOfMemoryError, RuntimeError) as e:  # record the failure, keep going
-                    print(f"{prov:14s} {mode:8s} {shape}: FAILED {type(e).__name__}: {str(e)[:120]}")
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+            cases = make_cases(provs, mode, n, h, v, dtype, device)
+            results = common.measure_round_robin(cases, device, warmup=args.warmup, reps=args.reps)
+            del cases
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for prov, m in results.items():
+                if m.error is not None or not m.times_ms:
+                    print(f"{prov:14s} {mode:8s} {shape}: FAILED {m.error}")
                     continue
-                rows.append(common.row(env, prov, mode, "time", "ms", shape, times))
-                rows.append(
-                    common.row(env, prov, mode, "peak_memory", "MiB", shape, [p / 2**20 for p in peaks])
-                )
-                rows.append(
+                new = [
+                    common.row(env, prov, mode, "time", "ms", shape, m.times_ms),
+                    common.row(env, prov, mode, "peak_memory", "MiB", shape, [p / 2**20 for p in m.peaks]),
                     common.row(
-                        env, prov, mode, "throughput", "TFLOP/s", shape, [flops / t / 1e9 for t in times]
-                    )
-                )
+                        env, prov, mode, "throughput", "TFLOP/s", shape, [flops / t / 1e9 for t in m.times_ms]
+                    ),
+                ]
+                if device.type == "cpu":  # CPU seconds of all threads: less sensitive to other tenants' load
+                    new.append(common.row(env, prov, mode, "cpu_time", "s", shape, m.cpu_s))
+                rows += new
                 print(
-                    f"{prov:14s} {mode:8s} {shape}: {rows[-3]['p50']:9.1f} ms  "
-                    f"{rows[-2]['p50']:9.1f} MiB  {rows[-1]['p50']:7.2f} TFLOP/s"
+                    f"{prov:14s} {mode:8s} {shape}: {new[0]['p50']:9.1f} ms  {new[1]['p50']:9.1f} MiB  "
+                    f"{new[2]['p50']:7.3f} TFLOP/s"
+                    + (f"  {new[3]['p50']:6.2f} cpu-s" if len(new) > 3 else "")
                 )
     csv_path = out_dir / "long_ce.csv"
     common.append_rows(csv_path, rows)

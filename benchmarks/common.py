@@ -17,6 +17,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -167,35 +168,64 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> i
     return max(0, _proc_status_kib("VmHWM") - base) * 1024
 
 
-def measure(
-    fn: Callable[[], object],
+@dataclass
+class Measurement:
+    """Per timed call: wall-clock ms, process CPU seconds (all threads), peak extra memory in bytes."""
+
+    times_ms: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+def measure_round_robin(
+    cases: dict[str, tuple[Callable[[], object], Callable[[], object] | None]],
     device: torch.device | str,
     *,
     warmup: int = 1,
     reps: int = 5,
-    setup: Callable[[], object] | None = None,
-) -> tuple[list[float], list[int]]:
-    """Per call: wall-clock ms and peak extra memory in bytes (both measured on every timed call)."""
-    for _ in range(warmup):
+) -> dict[str, Measurement]:
+    """Measure several (run, setup) cases, interleaved: rep 1 of every case, then rep 2, ...
+
+    On a shared machine the load drifts; interleaving gives every case the same drift instead of handing
+    one provider a quiet minute and the next a busy one.  A case that raises (e.g. out of memory) is
+    recorded with its error and dropped from the rotation.
+    """
+    out = {name: Measurement() for name in cases}
+
+    def once(name: str, record: bool) -> None:
+        run, setup = cases[name]
         if setup is not None:
             setup()
-        fn()
-    times, peaks = [], []
-    for _ in range(reps):
-        if setup is not None:
-            setup()
+        if not record:
+            run()
+            return
         box: list[float] = []
 
-        def timed(box=box):
+        def timed() -> None:
             synchronize(device)
-            t0 = time.perf_counter()
-            fn()
+            t0, c0 = time.perf_counter(), time.process_time()
+            run()
             synchronize(device)
-            box.append((time.perf_counter() - t0) * 1e3)
+            box.extend([(time.perf_counter() - t0) * 1e3, time.process_time() - c0])
 
-        peaks.append(peak_memory_bytes(timed, device))
-        times.append(box[0])
-    return times, peaks
+        peak = peak_memory_bytes(timed, device)
+        m = out[name]
+        m.times_ms.append(box[0])
+        m.cpu_s.append(box[1])
+        m.peaks.append(peak)
+
+    for i in range(warmup + reps):
+        for name in cases:
+            if out[name].error is not None:
+                continue
+            try:
+                once(name, record=i >= warmup)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                out[name].error = f"{type(e).__name__}: {str(e)[:200]}"
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+    return out
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:

@@ -97,6 +97,7 @@ def linear_cross_entropy(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check_inputs(hidden, weight, labels, bias)
+    labels = labels.long()  # int32 labels are accepted; gather/scatter index with int64
     if check_labels:
         _check_labels(labels, weight.shape[0], ignore_index)
     if chunk_bytes is None:

@@ -136,6 +136,13 @@ def test_bad_arguments():
         linear_cross_entropy(hidden, weight, labels, impl="triton")  # CPU tensors, no interpreter
 
 
+def test_int32_labels():
+    hidden, weight, labels, _ = make_inputs(12, 8, 30, torch.float32)
+    torch.testing.assert_close(
+        linear_cross_entropy(hidden, weight, labels.int()), naive_linear_cross_entropy(hidden, weight, labels)
+    )
+
+
 def test_module_wrapper():
     hidden, weight, labels, _ = make_inputs(12, 8, 30, torch.float32)
     mod = LinearCrossEntropy(reduction="mean", label_smoothing=0.1)
