@@ -11,7 +11,7 @@ def test_bench_long_ce_smoke(tmp_path):
     rows = common.read_rows(tmp_path / "long_ce.csv")
     assert {r["provider"] for r in rows} == {"torch", "ours_torch"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert {r["metric"] for r in rows} == {"time", "peak_memory", "throughput"}
+    assert {r["metric"] for r in rows} == {"time", "peak_memory", "throughput", "cpu_time"}
     for r in rows:
         assert set(common.CSV_FIELDS) <= set(r) and r["git_sha"] and r["versions"] and r["device"]
         assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
