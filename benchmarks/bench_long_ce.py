@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -278,7 +279,8 @@ def _report(rows, env, device, path: Path, plot_path: Path, csv_path: Path, argv
         f"Command: `{cmd}`",
         "",
         f"Environment: device `{env['device']}`, `{env['versions']}`, git `{env['git_sha']}`, "
-        f"torch threads {torch.get_num_threads()}.",
+        f"torch threads {torch.get_num_threads()}, load average at the end {os.getloadavg()[0]:.1f} "
+        "(other tenants share this machine: providers are measured round-robin so they see the same load).",
         "Peak memory: "
         + (
             "CUDA max_memory_allocated minus memory allocated before the call."
