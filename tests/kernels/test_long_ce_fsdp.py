@@ -29,15 +29,23 @@ class LMHeadWithLoss(nn.Linear):
 
 
 class TinyLM(nn.Module):
-    def __init__(self) -> None:
+    """head_unit=True: lm_head is its own FSDP unit and returns the loss.  False: the engine's CausalLM
+    pattern, lm_head stays in the root's unit and the root forward computes the loss with its weight."""
+
+    def __init__(self, head_unit: bool) -> None:
         super().__init__()
+        self.head_unit = head_unit
         self.embed = nn.Embedding(V, H)
         self.block = nn.Linear(H, H)
-        self.lm_head = LMHeadWithLoss(H, V, bias=False)
+        self.lm_head = (LMHeadWithLoss if head_unit else nn.Linear)(H, V, bias=False)
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(self.block(self.embed(ids)))  # (B, T, H)
-        return self.lm_head(hidden.flatten(0, 1), labels.flatten())
+        hidden = torch.tanh(self.block(self.embed(ids))).flatten(0, 1)  # (B*T, H)
+        if self.head_unit:
+            return self.lm_head(hidden, labels.flatten())
+        return linear_cross_entropy(
+            hidden, self.lm_head.weight, labels.flatten(), reduction="sum", impl="torch"
+        )
 
 
 def _batch():
@@ -50,44 +58,50 @@ def _batch():
     return ids, labels
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _check_variant(rank: int, world: int, head_unit: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    torch.manual_seed(0)
+    ref = TinyLM(head_unit)
+    model = TinyLM(head_unit)
+    model.load_state_dict(ref.state_dict())
+    ids, labels = _batch()
+
+    # Single-process truth: global sum / global count over the whole batch.
+    ref_loss = ref(ids, labels) / (labels != -100).sum()
+    ref_loss.backward()
+
+    units = (model.block, model.lm_head, model) if head_unit else (model.block, model)
+    for module in units:
+        fully_shard(module)
+        # No averaging, and plain SUM collectives (a factor alone becomes PREMUL_SUM, which gloo lacks).
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    count = (labels[rows] != -100).sum()  # this rank's targets
+    dist.all_reduce(count)  # global target-token count, the long-ce normaliser
+    loss = model(ids[rows], labels[rows]) / count
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    # Outside the forward the weight is a sharded DTensor: refused with guidance, not silently wrong.
+    try:
+        linear_cross_entropy(torch.zeros(2, H), model.lm_head.weight, torch.zeros(2, dtype=torch.long))
+    except ValueError as e:
+        assert "DTensor" in str(e)
+    else:
+        raise AssertionError("a sharded weight was accepted")
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _worker(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        ref = TinyLM()
-        model = TinyLM()
-        model.load_state_dict(ref.state_dict())
-        ids, labels = _batch()
-
-        # Single-process truth: global sum / global count over the whole batch.
-        ref_loss = ref(ids, labels) / (labels != -100).sum()
-        ref_loss.backward()
-
-        for module in (model.block, model.lm_head, model):
-            fully_shard(module)
-            # No averaging, and plain SUM collectives (a factor alone becomes PREMUL_SUM, which gloo lacks).
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-        rows = slice(rank * B // world, (rank + 1) * B // world)
-        count = (labels[rows] != -100).sum()  # this rank's targets
-        dist.all_reduce(count)  # global target-token count, the long-ce normaliser
-        loss = model(ids[rows], labels[rows]) / count
-        loss.backward()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-        # Outside the forward the weight is a sharded DTensor: refused with guidance, not silently wrong.
-        try:
-            linear_cross_entropy(torch.zeros(2, H), model.lm_head.weight, torch.zeros(2, dtype=torch.long))
-        except ValueError as e:
-            assert "DTensor" in str(e)
-        else:
-            raise AssertionError("a sharded weight was accepted")
-        for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
+        for head_unit in (True, False):
+            _check_variant(rank, world, head_unit)
     finally:
         dist.destroy_process_group()
 
