@@ -79,9 +79,9 @@ class BenchConfig:
     # micro-batches of rows x longest <= max_length padded to their longest; "bs1": one document per
     # micro-batch, no padding (the LongWriter ms-swift recipe: packing off, batch_size 1, accumulation).
     layout: str = "packed"
-    loss: str = (
-        "plain"  # engine: "triton" | "twin" (kernels impl="torch") | "plain" (logits + F.cross_entropy)
-    )
+    # engine: "triton" | "twin" (kernels impl="torch") | "plain" (logits + F.cross_entropy);
+    # transformers: "plain" (its own loss) | "liger" (Liger's fused linear cross-entropy)
+    loss: str = "plain"
     ac: str = "off"  # "off" | "full" | "every2" (every k-th block, k=2; engine only)
 
     def __post_init__(self) -> None:
