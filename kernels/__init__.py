@@ -110,14 +110,15 @@ def linear_cross_entropy(
         softcap=None if softcap is None else float(softcap),
         chunk_bytes=int(chunk_bytes),
     )
-    if impl == "auto":
-        impl = "triton" if hidden.is_cuda else "torch"
-    if impl == "triton":
-        from .long_ce import TRITON_STEPS  # lazy: `import kernels` must work without a Triton GPU backend
+    steps = TORCH_STEPS
+    if impl == "triton" or (impl == "auto" and hidden.is_cuda):
+        try:  # lazy: `import kernels` must work without Triton or its GPU backend
+            from .long_ce import TRITON_STEPS
 
-        steps = TRITON_STEPS
-    else:
-        steps = TORCH_STEPS
+            steps = TRITON_STEPS
+        except ImportError:
+            if impl == "triton":
+                raise
     return LinearCrossEntropyFunction.apply(
         hidden, weight, bias, labels, opts, steps, torch.is_grad_enabled()
     )
