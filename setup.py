@@ -22,6 +22,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "accelerate>=1.0", "ruff>=0.6", "matplotlib>=3.8"],
     },
 )
