@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_data            # full sizes
     python -m benchmarks.bench_data --quick    # small sizes (CI smoke)
+    python -m benchmarks.bench_data --quick --repeats 1 --results-dir /tmp/x   # sanity run elsewhere
 
 Length distribution ("LongWriter-like"): long samples lognormal around 3,500 tokens (mean ~4,100,
 clipped to 500..17,000) mixed with 300..1,500-token chat samples. Rows are appended in long format to
@@ -11,55 +12,20 @@ benchmarks/results/data.csv; a markdown summary with the environment goes to ben
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import append_rows, environment, row
 from engine.data import StepLoader, build_dataset, load_tokenizer, pack_lengths, packing_efficiency
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FIELDS = [
-    "provider",
-    "mode",
-    "metric",
-    "unit",
-    "shape",
-    "p20",
-    "p50",
-    "p80",
-    "device",
-    "versions",
-    "git_sha",
-    "date",
-]
+RESULTS = Path(__file__).resolve().parent / "results"
 MAX_LENGTH = 28672
-
-
-def environment() -> dict:
-    import tiktoken
-    import tokenizers
-    import torch
-
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = "unknown"
-    return {
-        "device": f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-        f"tokenizers {tokenizers.__version__}, tiktoken {tiktoken.__version__}",
-        "git_sha": sha,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+PACKAGES = ("numpy", "tokenizers", "tiktoken")  # versions recorded with every row
 
 
 def longwriter_lengths(n_long: int, n_short: int, seed: int) -> np.ndarray:
@@ -76,11 +42,6 @@ def timed(fn, repeats: int) -> tuple[list[float], object]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return times, out
-
-
-def pcts(values) -> tuple[float, float, float]:
-    p20, p50, p80 = np.percentile(np.asarray(values, dtype=np.float64), [20, 50, 80])
-    return float(p20), float(p50), float(p80)
 
 
 WORDS_EN = (
@@ -136,18 +97,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where data.csv / data.md go")
     args = ap.parse_args()
-    env = environment()
+    env = environment("cpu", PACKAGES)
     rows: list[dict] = []
 
     def record(mode, metric, unit, shape, values):
-        p20, p50, p80 = pcts(values)
-        rows.append(
-            {"provider": "engine.data", "mode": mode, "metric": metric, "unit": unit, "shape": shape}
-            | {"p20": f"{p20:.6g}", "p50": f"{p50:.6g}", "p80": f"{p80:.6g}"}
-            | env
-        )
-        print(f"{mode:28s} {metric:22s} {shape:34s} p50={p50:.6g} {unit}")
+        r = row(env, "engine.data", mode, metric, unit, shape, values)
+        # 6 significant digits, as the rows recorded before (and data.md)
+        rows.append(r | {p: f"{r[p]:.6g}" for p in ("p20", "p50", "p80")})
+        print(f"{mode:28s} {metric:22s} {shape:34s} p50={r['p50']:.6g} {unit}")
 
     # 1. Packing plans on LongWriter-like lengths.
     mixes = [("long_only", 6000, 0), ("long+short_1:20", 6000, 120000), ("short+long_20:1", 6000, 300)]
@@ -228,14 +187,9 @@ def main() -> None:
 
     if args.no_save:
         return
-    os.makedirs(RESULTS, exist_ok=True)
-    csv_path = os.path.join(RESULTS, "data.csv")
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    results = Path(args.results_dir)
+    csv_path = results / "data.csv"
+    append_rows(csv_path, rows)
     md = [
         "# Data pipeline benchmark",
         "",
@@ -253,8 +207,7 @@ def main() -> None:
         f"| {r['mode']} | {r['metric']} | {r['shape']} | {r['p50']} | {r['p20']} | {r['p80']} | {r['unit']} |"
         for r in rows
     ]
-    with open(os.path.join(RESULTS, "data.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    (results / "data.md").write_text("\n".join(md) + "\n")
     print(f"appended {len(rows)} rows to {csv_path}")
 
 

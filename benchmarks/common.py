@@ -79,7 +79,10 @@ def device_slug(device: torch.device | str) -> str:
     return name.split()[0] if name else "cuda"
 
 
-def versions(extra: Iterable[str] = ("triton", "transformers", "liger_kernel", "cut_cross_entropy")) -> str:
+DEFAULT_PACKAGES = ("triton", "transformers", "liger_kernel", "cut_cross_entropy")
+
+
+def versions(extra: Iterable[str] = DEFAULT_PACKAGES) -> str:
     parts = [f"python={platform.python_version()}", f"torch={torch.__version__}"]
     if torch.version.cuda:
         parts.append(f"cuda={torch.version.cuda}")
@@ -92,11 +95,11 @@ def versions(extra: Iterable[str] = ("triton", "transformers", "liger_kernel", "
     return " ".join(parts)
 
 
-def environment(device: torch.device | str) -> dict[str, str]:
-    """The columns every row of a run shares."""
+def environment(device: torch.device | str, packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str]:
+    """The columns every row of a run shares; `packages`: the optional packages whose versions matter."""
     return {
         "device": device_name(device),
-        "versions": versions(),
+        "versions": versions(packages),
         "git_sha": git_sha(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

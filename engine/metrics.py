@@ -10,8 +10,19 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak per GPU (FLOP/s), by a substring of torch.cuda.get_device_name().
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A800": 312e12, "L40S": 362e12}
+# Dense bf16 peak per GPU (FLOP/s), by a substring of torch.cuda.get_device_name(). The first key found in
+# the name wins, so the specific names come before their family: "NVIDIA H100 PCIe" (756) and "NVIDIA H100
+# NVL" (835) before plain "H100", which is the SXM part ("NVIDIA H100 80GB HBM3", 989).
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+}
 
 
 def matmul_params(args) -> int:
@@ -28,11 +39,15 @@ def step_flops(args, num_tokens: int, sum_sq_doc_len: int) -> float:
     return 6.0 * matmul_params(args) * num_tokens + 6.0 * args.num_layers * d_q * sum_sq_doc_len
 
 
+def peak_bf16(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name (PEAK_BF16, first match), None when unknown."""
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_bf16(torch.cuda.get_device_name(device))
 
 
 def max_memory_gb(device: torch.device) -> float:
