@@ -5,8 +5,18 @@ setup(
     version="0.1.0",
     description="From-scratch SFT engine for Qwen2 / GLM-4 reproducing the LongWriter long-output recipe",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "data_gen", "data_gen.*",
-                                    "evaluation", "evaluation.*"]),
+    packages=find_packages(
+        include=[
+            "engine",
+            "engine.*",
+            "kernels",
+            "kernels.*",
+            "data_gen",
+            "data_gen.*",
+            "evaluation",
+            "evaluation.*",
+        ]
+    ),
     package_data={"data_gen": ["prompts/*.txt"], "evaluation": ["prompts/*.txt"], "engine": ["assets/*"]},
     install_requires=[
         "torch>=2.6",
@@ -22,6 +32,13 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.46", "accelerate>=1.0", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "transformers>=4.46",
+            "accelerate>=1.0",
+            "ruff>=0.6",
+            "matplotlib>=3.8",
+        ],
     },
 )
