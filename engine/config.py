@@ -35,13 +35,17 @@ class ModelConfig:
 class DataConfig:
     dataset: list[str] = field(default_factory=list)  # "path" or "path#N"
     val_dataset: list[str] = field(default_factory=list)
-    max_length: int = 2048
+    max_length: int = 28672  # the LongWriter recipe's row budget
     packing: bool = True
     split_dataset_ratio: float = 0.0
     lazy_tokenize: bool = False
+    # where lazy_tokenize caches token lengths (keyed by file content + tokenizer + template);
+    # None: output_dir/cache, so a resumed run (or a second stage in the same output_dir) skips the pass
+    dataset_cache_dir: str | None = None
     dataloader_num_workers: int = 0
     truncation_strategy: str = field(default="delete", metadata=_choices("delete", "truncate"))
-    check_dataset_strategy: str = field(default="warning", metadata=_choices("error", "warning"))
+    # bad rows: "error" stops naming file, line and field; "warning" skips, counts and reports them
+    check_dataset_strategy: str = field(default="error", metadata=_choices("error", "warning"))
 
 
 @dataclass

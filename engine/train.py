@@ -95,9 +95,21 @@ def build_data(cfg: Config, info: DistInfo, tokenizer):
         truncation_strategy=d.truncation_strategy,
         check_dataset_strategy=d.check_dataset_strategy,
         lazy_tokenize=d.lazy_tokenize,
+        cache_dir=d.dataset_cache_dir or str(Path(cfg.checkpoint.output_dir) / "cache"),
     )
-    train_ds = build_dataset(d.dataset, tokenizer, **kw)
-    val_ds = build_dataset(d.val_dataset, tokenizer, **kw) if d.val_dataset else None
+
+    def build_all():
+        train_ds = build_dataset(d.dataset, tokenizer, **kw)
+        return train_ds, (build_dataset(d.val_dataset, tokenizer, **kw) if d.val_dataset else None)
+
+    if d.lazy_tokenize and info.world_size > 1:  # rank 0 measures and caches; the others read its cache
+        if info.rank == 0:
+            train_ds, val_ds = build_all()
+        dist.barrier()
+        if info.rank != 0:
+            train_ds, val_ds = build_all()
+    else:
+        train_ds, val_ds = build_all()
     if d.split_dataset_ratio > 0 and val_ds is None:
         train_ds, val_ds = split_dataset(train_ds, d.split_dataset_ratio, t.seed)
 
@@ -286,6 +298,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
         f"{steps_per_epoch} steps/epoch, {total} steps" + (f", resumed from {resume}" if resume else "")
     )
     log.write(plan.format())
+    log.write(
+        f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
+    )
+    if val_loader is not None:
+        log.write(f"val data: {val_loader.dataset.summary()}")
 
     def snapshot() -> dict:  # this rank's state at a step boundary
         return {

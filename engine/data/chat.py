@@ -118,8 +118,11 @@ def normalize_row(row) -> tuple[list[dict], dict]:
 
 def _check_structure(messages: list[dict], prefix: str | None, offset_system: bool = False) -> None:
     def field(i: int, key: str) -> str:
-        if prefix is None:  # ms-swift rows: name the flat field
-            return "response" if key == "content" else "query"
+        if prefix is None:  # ms-swift rows: history[k][0|1], then query / response
+            j = i - int(messages[0]["role"] == "system")
+            if j >= len(messages) - 2 - int(messages[0]["role"] == "system"):
+                return "response" if j % 2 else "query"
+            return f"history[{j // 2}][{j % 2}]"
         if prefix == "conversations":  # a top-level "system" is messages[0] but not in the list
             i -= int(messages[0]["role"] == "system" and offset_system)
             return f"conversations[{i}].{'from' if key == 'role' else 'value'}"

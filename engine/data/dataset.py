@@ -258,6 +258,18 @@ class SFTDataset:
         ids, labels = self.arrays(int(i))
         return {"input_ids": ids.tolist(), "labels": labels.tolist()}
 
+    def summary(self) -> str:
+        """One line for the run log: what was read, skipped, deleted and truncated (nothing goes silently)."""
+        r = self.report
+        text = (
+            f"{len(self)} samples, {int(self.lengths.sum())} tokens from {r['rows']} rows "
+            f"(invalid rows skipped {r['invalid']}, over max_length {r['over_length']}: "
+            f"deleted {r['over_length_deleted']}, truncated {r['truncated']})"
+        )
+        if r.get("errors"):
+            text += f"; first skipped row: {r['errors'][0]}"
+        return text
+
     def messages(self, i: int) -> list[dict]:
         s, r = self._index[i]
         return self._sources[s].conversations[r]

@@ -62,6 +62,8 @@ BAD_ROWS = [
         "expected role",
     ),
     ({"query": "hi"}, "response", "missing"),
+    ({"query": "q", "response": "a", "history": [["q0", ""]]}, "history[0][1]", "empty assistant"),
+    ({"query": "q", "response": "a", "history": [["q0", "a0"], [3, "a1"]]}, "history[1][0]", "string"),
     ({"text": "no conversation"}, "messages", "none of"),
 ]
 
@@ -85,6 +87,7 @@ def test_warning_strategy_skips_counts_and_logs(tmp_path, tok, caplog):
     assert len(ds) == 5
     assert ds.report["invalid"] == len(BAD_ROWS) and ds.report["rows"] == 5 + len(BAD_ROWS)
     assert len(ds.report["errors"]) == len(BAD_ROWS) and all(path in m for m in ds.report["errors"])
+    assert f"invalid rows skipped {len(BAD_ROWS)}" in ds.summary() and f"{path}:2:" in ds.summary()
     assert sum("skipping row" in r.message for r in caplog.records) == len(BAD_ROWS)
     assert [ds.metadata(i)["_line"] for i in range(len(ds))] == [1, 3, 5, 7, 9]
 
@@ -94,6 +97,7 @@ def test_over_long_delete_and_truncate(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     ds = build_dataset([path], tok, max_length=200, seed=0)
     assert len(ds) == 2 and ds.report["over_length"] == 2 and ds.report["over_length_deleted"] == 2
+    assert "over max_length 2: deleted 2, truncated 0" in ds.summary()  # the line train.py prints
     ds = build_dataset([path], tok, max_length=200, seed=0, truncation_strategy="truncate")
     # Row 3's reply starts after token 200: nothing left to train, dropped and counted.
     assert len(ds) == 3 and ds.report["truncated"] == 1 and ds.report["over_length_deleted"] == 1

@@ -115,7 +115,9 @@ def test_exact_resume_mid_epoch_and_across_epochs(ds):
         resumed.load_state_dict(state)
         resumed.set_epoch(state["epoch"])
         got = collect(resumed, total - cut)
+        assert len(got) == len(ref[cut:]) == total - cut
         for a, b in zip(got, ref[cut:]):
+            assert len(a) == len(b) == 2  # accumulation steps of this rank
             for x, y in zip(a, b):
                 assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
     with pytest.raises(ValueError, match="global_batch"):

@@ -299,3 +299,41 @@ def test_checkpoints_atomic_rotated_and_latest(pg, tmp_path):
     assert (
         load_checkpoint(tmp_path / "checkpoint-4", model=fresh, optimizer=fresh_opt, only_model=True) is None
     )
+
+
+# ------------------------------------------------------------------ data wiring of the trainer
+def test_defaults_follow_the_issue():
+    cfg = parse_config(["--dataset", "a.jsonl"])
+    assert cfg.data.max_length == 28672 and cfg.data.check_dataset_strategy == "error"
+    assert cfg.train.loss_name == "long-ce" and cfg.data.truncation_strategy == "delete"
+
+
+def test_build_data_val_by_file_by_ratio_and_lazy_cache(tmp_path):
+    from train_testlib import make_dataset
+
+    from engine.data import load_tokenizer
+    from engine.parallel import DistInfo
+    from engine.train import build_data
+
+    train_f = make_dataset(tmp_path / "train.jsonl", n=40, seed=0)
+    val_f = make_dataset(tmp_path / "val.jsonl", n=6, seed=1)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    tok = load_tokenizer("debug-qwen2")
+    common = ["--dataset", str(train_f), "--max_length", "256", "--output_dir", str(tmp_path / "out")]
+    # by file: the whole train file trains, the val file evaluates
+    tr, va = build_data(parse_config([*common, "--val_dataset", str(val_f)]), info, tok)
+    assert len(tr.dataset) == 40 and len(va.dataset) == 6
+    assert {va.dataset.metadata(i)["_file"] for i in range(6)} == {str(val_f)}
+    # by ratio: 10% of the train file held out, disjoint
+    tr, va = build_data(parse_config([*common, "--split_dataset_ratio", "0.1"]), info, tok)
+    assert (len(tr.dataset), len(va.dataset)) == (36, 4)
+    lines = lambda ds: {ds.metadata(i)["_line"] for i in range(len(ds))}  # noqa: E731
+    assert not lines(tr.dataset) & lines(va.dataset)
+    # neither: no evaluation
+    assert build_data(parse_config(common), info, tok)[1] is None
+    # lazy: token lengths cached under output_dir/cache (or dataset_cache_dir), reused by the next run
+    tr, _ = build_data(parse_config([*common, "--lazy_tokenize"]), info, tok)
+    assert tr.dataset.lazy and len(list((tmp_path / "out" / "cache").glob("lengths-*.npz"))) == 1
+    other = tmp_path / "shared_cache"
+    build_data(parse_config([*common, "--lazy_tokenize", "--dataset_cache_dir", str(other)]), info, tok)
+    assert len(list(other.glob("lengths-*.npz"))) == 1
