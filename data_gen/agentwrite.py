@@ -127,7 +127,12 @@ def read_items(path: str | os.PathLike) -> list[Item]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             prompt = row.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{path}:{lineno}: row without a non-empty string 'prompt'")
@@ -141,10 +146,24 @@ def read_items(path: str | os.PathLike) -> list[Item]:
                 while id_ in seen:
                     id_, k = f"{base}-{k}", k + 1
             seen.add(id_)
-            length = row.get("length")
-            length = int(length) if length is not None else required_length(prompt)
+            length = _given_length(row.get("length"), f"{path}:{lineno}")
+            if length is None:
+                length = required_length(prompt)
             items.append(Item(len(items), id_, prompt, length, detect_language(prompt)))
     return items
+
+
+def _given_length(value: object, where: str) -> int | None:
+    """A row's "length" as a positive int (a whole float or a digit string is accepted), or None."""
+    if value is None:
+        return None
+    try:
+        length = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        length = float("nan")
+    if not length.is_integer() or length <= 0:  # NaN is not an integer either
+        raise ValueError(f"{where}: 'length' must be a positive whole number of words, got {value!r}")
+    return int(length)
 
 
 @dataclass
@@ -406,9 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    items = read_items(args.input)
+    for name in ("concurrency", "plan_attempts", "max_paragraphs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_retries < 0:
+        parser.error(f"--max_retries must be >= 0, got {args.max_retries}")
+    try:
+        items = read_items(args.input)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     client = LLMClient(
         args.model,
         base_url=args.base_url,

@@ -362,3 +362,42 @@ def test_read_items_rejects_duplicates_and_empty_prompts(tmp_path):
     f.write_text('{"prompt": "same"}\n{"prompt": "same"}\n')
     a, b = read_items(f)
     assert a.id != b.id and b.id.startswith(a.id)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "in.jsonl:2: not a JSON object"),
+        ('["prompt"]', "in.jsonl:2: expected a JSON object"),
+        ('{"prompt": "x", "length": "abc"}', "in.jsonl:2: 'length' must be a positive whole number"),
+        ('{"prompt": "x", "length": -5}', "in.jsonl:2: 'length' must be a positive whole number"),
+        ('{"prompt": "x", "length": 0}', "in.jsonl:2: 'length' must be a positive whole number"),
+        ('{"prompt": "x", "length": 12.5}', "in.jsonl:2: 'length' must be a positive whole number"),
+    ],
+)
+def test_bad_input_rows_name_file_and_line(tmp_path, capsys, line, message):
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_items(f)
+    # the CLI says the same in one line and exits 2, before any request
+    rc = agentwrite.main(["--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--model", "m"])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_given_lengths_accept_whole_numbers(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text(
+        '{"prompt": "a", "length": 800}\n{"prompt": "b", "length": "1200"}\n{"prompt": "c", "length": 3e3}\n'
+    )
+    assert [it.length for it in read_items(f)] == [800, 1200, 3000]
+
+
+@pytest.mark.parametrize("flag", ["--concurrency", "--plan_attempts", "--max_paragraphs"])
+def test_cli_rejects_non_positive_options(tmp_path, capsys, flag):
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"prompt": "a"}\n')
+    with pytest.raises(SystemExit) as ei:
+        agentwrite.main(["--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--model", "m", flag, "0"])
+    assert ei.value.code == 2 and f"{flag} must be >= 1" in capsys.readouterr().err
