@@ -1,12 +1,13 @@
 """data_gen.llm.LLMClient against the real HTTP server of tests/openai_server.py."""
 
 import asyncio
+import random
 import time
 
 import pytest
 from openai_server import OpenAIServer
 
-from data_gen.llm import Completion, LLMClient, LLMError
+from data_gen.llm import Completion, LLMClient, LLMError, _retry_after_seconds
 
 MSG = [{"role": "user", "content": "say hi"}]
 
@@ -58,9 +59,10 @@ def test_retries_transient_status(status):
     assert c.usage["completion_tokens"] == 3
 
 
-def test_retry_after_is_honoured():
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(status):
     # backoff alone would wait <= 0.05 s; Retry-After asks for 0.3 s between attempts.
-    with OpenAIServer(echo, fail=lambda b, n: 429 if n < 2 else None, retry_after=0.3) as srv:
+    with OpenAIServer(echo, fail=lambda b, n: status if n < 2 else None, retry_after=0.3) as srv:
         c = client(srv, backoff_max=5.0)
         t0 = time.monotonic()
         out = run(c.chat(MSG))
@@ -174,3 +176,37 @@ def test_llm_error_kind_validated():
 
     e2 = pickle.loads(pickle.dumps(LLMError("y", "server", status=503)))
     assert e2.kind == "server" and e2.status == 503 and e2.retryable
+
+
+def test_backoff_is_exponential_with_full_jitter_and_capped():
+    c = LLMClient("m", backoff_base=1.0, backoff_max=10.0)
+    random.seed(0)
+    for attempt, ceiling in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 10.0), (9, 10.0)]:
+        waits = [c.backoff(attempt) for _ in range(400)]
+        assert all(0.0 <= w <= ceiling for w in waits)
+        # full jitter: spread over the whole [0, ceiling] range, not a fixed delay
+        assert min(waits) < 0.1 * ceiling and max(waits) > 0.9 * ceiling
+    # the server's Retry-After replaces the backoff, capped at backoff_max
+    assert c.backoff(0, retry_after=3.5) == 3.5 and c.backoff(5, retry_after=0.0) == 0.0
+    assert c.backoff(0, retry_after=3600.0) == 10.0
+
+
+@pytest.mark.parametrize(
+    "headers, seconds",
+    [
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # the finer header wins
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_header_forms(headers, seconds):
+    assert _retry_after_seconds(headers) == seconds
+
+
+def test_retry_after_http_date():
+    from email.utils import formatdate
+
+    wait = _retry_after_seconds({"retry-after": formatdate(time.time() + 30, usegmt=True)})
+    assert 25.0 <= wait <= 31.0
