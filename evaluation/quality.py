@@ -7,7 +7,8 @@ Faithful to THUDM/LongWriter evaluation/eval_quality.py where it matters for the
     of such an item as 3 (``missing="as_3"``).
 Deliberate differences: the parser accepts more than ``json.loads`` on a ```json fence (prose around the
 object, other fences, trailing commas, single quotes, full-width punctuation, Chinese keys, scores as
-strings or as {"score": n}), and rejects scores outside [1, 5], which the official code would average.
+strings or as {"score": n}), and rejects scores that are not integers in [1, 5] (4.5, 7, 0), which the
+official code would average; such a reply counts as unparsed and the judge is asked again.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _norm_key(key: str) -> str:
     return re.sub(r"[^a-z\u4e00-\u9fff]", "", key.lower().replace("&", "and"))
 
 
-def _score_value(value: object) -> float | None:
+def _score_value(value: object) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
@@ -103,9 +104,10 @@ def _score_value(value: object) -> float | None:
         return None
     else:
         return None
-    if not 1.0 <= v <= 5.0:
+    # The judge is asked for integers 1..5; a 4.5 or a 7 means it did not follow the format: ask again.
+    if not (1.0 <= v <= 5.0 and v.is_integer()):
         return None
-    return int(v) if v.is_integer() else v
+    return int(v)
 
 
 def _scores_from_mapping(obj: object) -> dict[str, float] | None:
@@ -185,7 +187,7 @@ def _regex_scores(text: str) -> dict[str, float] | None:
 
 
 def parse_judge_output(text: str | None) -> dict[str, float] | None:
-    """Scores of all six dimensions (each in [1, 5]) from a judge reply, or None if they cannot be read."""
+    """Scores of all six dimensions (each an integer in [1, 5]) from a judge reply, or None if they cannot be read."""
     if not text:
         return None
     candidates = [m.group(1) for m in _FENCE_RE.finditer(text)]

@@ -80,6 +80,8 @@ def test_parse_messy_judge_outputs(name):
         CLEAN.replace('"Clarity": 4', '"Clarity": 0'),
         CLEAN.replace('"Clarity": 4', '"Clarity": "N/A"'),
         CLEAN.replace('"Clarity": 4', '"Clarity": true'),
+        CLEAN.replace('"Clarity": 4', '"Clarity": 4.5'),  # not an integer: the judge is asked again
+        CLEAN.replace('"Clarity": 4', '"Clarity": "3.5/5"'),
         "```json\n{broken\n```",
     ],
 )
