@@ -54,7 +54,8 @@ def length_pairs(samples: list[dict]) -> tuple[list[int], list[int]]:
     return xs, ys
 
 
-def plot_lengths(before: list[dict], after: list[dict], path: str | os.PathLike) -> None:
+def plot_lengths(before: list[dict], after: list[dict], path: str | os.PathLike) -> tuple[int, int]:
+    """Write the before / after log-log scatter; returns the number of points in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; a no-op when a backend is already in use
@@ -77,6 +78,7 @@ def plot_lengths(before: list[dict], after: list[dict], path: str | os.PathLike)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return len(pairs[0][0]), len(pairs[1][0])
 
 
 def apply_strategies(
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         out = Path(args.output)
         plot = Path(args.plot) if args.plot else out.with_name(out.stem + ".length_scatter.png")
-        plot_lengths(before, kept, plot)
-        print(f"plot: {plot}")
+        n_before, n_after = plot_lengths(before, kept, plot)
+        print(f"plot: {plot} (required vs response length, {n_before} points before, {n_after} after)")
     return 0
 
 

@@ -170,3 +170,28 @@ def test_filter_cli_counts_and_plot(tmp_path, capsys):
     assert [(k["length"], k["response_length"]) for k in kept] == [(800, 800), (500, 520)]
     png = tmp_path / "filtered.length_scatter.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "3 points before, 2 after" in printed  # before = what the length-score stage saw
+
+
+def test_filter_cli_evalscope_extractor(tmp_path, capsys):
+    rows = [
+        sample("写一篇800字的文章", "字" * 800),
+        sample("写一篇1万字的小说", "字" * 10000),  # evalscope: no length ("1" is not a numeral)
+        sample("写3000-5000字", "字" * 4000),  # evalscope: 5000 (the last number of the range)
+        sample("Write 10,000 words about Rome", words(10000)),  # evalscope: 0 -> reported, not kept
+        sample("写一篇一千五百字的文章", "字" * 500),  # evalscope: 500
+    ]
+    inp, out = tmp_path / "data.jsonl", tmp_path / "es.jsonl"
+    inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    argv = ["--input", str(inp), "--output", str(out), "--extractor", "evalscope"]
+    assert filter_cli.main(argv + ["--strategy", "required_length", "--strategy", "length_score"]) == 0
+    printed = capsys.readouterr().out
+    assert "required_length: 5 -> 4 (dropped no_length: 1)" in printed
+    assert "length_score: 4 -> 3 (dropped zero_or_missing_length: 1)" in printed
+    assert "zero/missing length" in printed and "length=0" in printed
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(k["length"], k["response_length"]) for k in kept] == [(800, 800), (5000, 4000), (500, 500)]
+    # the default extractor keeps a different set from the same file
+    assert filter_cli.main(["--input", str(inp), "--output", str(out)]) == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [k["length"] for k in kept] == [800, 10000, 10000]
