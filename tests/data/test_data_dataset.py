@@ -153,6 +153,17 @@ def test_lazy_matches_eager_and_caches_lengths(tmp_path, tok, monkeypatch):
         cache_dir=str(cache),
     )
     assert len(os.listdir(cache)) == 2
+    # A changed file (same path) is a new key: its lengths are measured again, never read stale.
+    changed = tmp_path / "demo.jsonl"
+    changed.write_bytes(open(DEMO, "rb").read())
+    build_dataset([str(changed)], tok, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache))
+    assert len(os.listdir(cache)) == 2  # same content as DEMO, other path: the same entry
+    with open(changed, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row(a="one more reply")) + "\n")
+    more = build_dataset(
+        [str(changed)], tok, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache)
+    )
+    assert len(os.listdir(cache)) == 3 and len(more) == len(eager) + 1
 
 
 def test_split_dataset(tok):

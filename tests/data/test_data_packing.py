@@ -31,6 +31,9 @@ CASES = {
     "all_max": (np.full(17, 64), 64),
     "all_one": (np.ones(200, dtype=np.int64), 64),
     "single": (np.array([5]), 64),
+    # adversarial: nothing pairs (each just over half a row), and full rows mixed with many 1-token documents
+    "half_plus_one": (np.full(31, 33), 64),
+    "max_and_ones": (np.concatenate([np.full(9, 64), np.ones(70, dtype=np.int64), [63, 63, 2]]), 64),
     "empty": (np.zeros(0, dtype=np.int64), 64),
 }
 
@@ -45,6 +48,10 @@ def test_plan_invariants(case):
         assert len(plan) == 17
     if case == "all_one":
         assert len(plan) == 4 and packing_efficiency(lengths, plan, max_length) == pytest.approx(200 / 256)
+    if case == "half_plus_one":
+        assert len(plan) == 31
+    if case == "max_and_ones":  # 9 full rows, the 63s each take a 1, the rest (70 - 2 + 2 tokens) fill 2 rows
+        assert len(plan) == 9 + 2 + 2 and packing_efficiency(lengths, plan, max_length) > 0.9
     if case == "empty":
         assert plan == []
 

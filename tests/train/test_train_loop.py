@@ -4,6 +4,7 @@ SIGTERM, HF export vs transformers, skip-on-NaN, clear errors."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shutil
 import signal
@@ -220,3 +221,35 @@ def test_main_reports_config_errors(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "learnin_rate" in err and str(bad) in err
+
+
+def test_bf16_mixed_precision_run_keeps_fp32_master_weights(data, tmp_path):
+    """The default precision (--torch_dtype bfloat16): bf16 compute through FSDP2's MixedPrecisionPolicy,
+    fp32 sharded master weights, a falling loss, and a bf16 HF export with its tokenizer."""
+
+    def probe(model):
+        from torch.distributed.fsdp import FSDPModule
+
+        mp = model._get_fsdp_state()._mp_policy
+        assert isinstance(model, FSDPModule) and mp.param_dtype == torch.bfloat16
+        assert mp.reduce_dtype == torch.float32
+        # the optimizer's groups on the sharded, checkpoint-wrapped model: no decay on norms and biases
+        from engine.optim import param_groups
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1))
+        assert any(n.endswith("norm.weight") for n in no_decay) and any(n.endswith("bias") for n in no_decay)
+        assert all(n.endswith("bias") or "norm" in n for n in no_decay)
+        assert not any(n.endswith("bias") or "norm" in n for n in decay)
+        return {p.dtype for p in model.parameters()}
+
+    s = run_inprocess(
+        base_args(data, tmp_path, torch_dtype="bfloat16", max_steps=3, save_final=True), probe=probe
+    )
+    assert s["probe"] == {torch.float32}
+    steps = train_steps(tmp_path)
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    final = load_final(tmp_path)
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}  # --final_dtype defaults to bf16
+    assert (tmp_path / "final" / "tokenizer.json").is_file()

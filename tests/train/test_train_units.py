@@ -55,6 +55,30 @@ def test_config_file_then_command_line(tmp_path):
     assert swift.model.torch_dtype == "bfloat16" and swift.checkpoint.save_total_limit is None
 
 
+# every ms-swift `sft` flag issue 5 names (plus the data flags of issue 4): present, and settable from the CLI
+ISSUE_FLAGS = {
+    "model": "debug-glm4", "dataset": "a.jsonl", "val_dataset": "v.jsonl", "max_length": "1024",
+    "packing": "false", "batch_size": "2", "gradient_accumulation_steps": "3", "num_train_epochs": "1.5",
+    "max_steps": "7", "learning_rate": "2e-6", "lr_scheduler_type": "linear", "warmup_ratio": "0.05",
+    "weight_decay": "0.01", "max_grad_norm": "0.3", "gradient_checkpointing": "false",
+    "neftune_noise_alpha": "5", "loss_name": "mean", "torch_dtype": "fp32", "seed": "3",
+    "output_dir": "o", "save_steps": "9", "save_total_limit": "2", "save_only_model": "true",
+    "resume_from_checkpoint": "latest", "resume_only_model": "true", "eval_steps": "4",
+    "logging_steps": "2", "report_to": "tensorboard", "lazy_tokenize": "true", "dataloader_num_workers": "1",
+    "truncation_strategy": "truncate", "check_dataset_strategy": "warning", "split_dataset_ratio": "0.02",
+}  # fmt: skip
+
+
+def test_every_flag_of_the_issues_exists():
+    argv = [x for k, v in ISSUE_FLAGS.items() for x in (f"--{k}", v)]
+    cfg = parse_config(argv)
+    flat = {k: v for group in cfg.to_dict().values() for k, v in group.items()}
+    assert flat["max_length"] == 1024 and flat["packing"] is False and flat["num_train_epochs"] == 1.5
+    assert flat["torch_dtype"] == "float32" and flat["report_to"] == ["tensorboard"]
+    assert flat["val_dataset"] == ["v.jsonl"] and flat["resume_only_model"] is True
+    assert set(ISSUE_FLAGS) <= set(flat)
+
+
 @pytest.mark.parametrize(
     "text, argv, match",
     [
