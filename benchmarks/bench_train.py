@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_train --quick        # CPU: debug-qwen2, 2,048-token packs (a few minutes)
     python -m benchmarks.bench_train                # GPU: qwen2.5-0.5b, 28,672-token packs, full set
-    python -m benchmarks.bench_train --smoke --results-dir /tmp/x   # test suite: 2 tiny configs, < 30 s
+    python -m benchmarks.bench_train --smoke --results-dir /tmp/x   # test suite: the --quick set, tiny, in-process
     python -m benchmarks.bench_train --plan qwen2-7b --nproc 4 --gpu a100-80gb   # memory plan + projection
 
 Workload: documents with LongWriter-like lengths (benchmarks.bench_data.longwriter_lengths: lognormal long
@@ -134,7 +134,7 @@ def run_suite(ns) -> int:
     cuda = torch.cuda.is_available()
     if ns.smoke:
         ns.in_process = True
-        configs, flavour, T, warmup, steps, rounds = smoke_configs(), "debug-qwen2", 256, 1, 2, 1
+        configs, flavour, T, warmup, steps, rounds = smoke_configs(), "debug-qwen2", 256, 1, 1, 1
     elif ns.quick:
         configs, flavour, T, warmup, steps, rounds = cpu_configs(), "debug-qwen2", 2048, 2, 10, 1
     else:
@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="CPU quick mode: debug-qwen2, 2,048-token packs")
-    ap.add_argument("--smoke", action="store_true", help="2 tiny configs, few steps (test suite)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the --quick configurations at 256 tokens, 1+1 steps (test suite)",
+    )
     ap.add_argument("--flavour", help="engine.models flavour (default: debug-qwen2 quick, qwen2.5-0.5b GPU)")
     ap.add_argument("--max-length", type=int, help="tokens per packed row")
     ap.add_argument("--warmup", type=int, help="steps discarded")

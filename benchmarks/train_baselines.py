@@ -39,7 +39,11 @@ def hf_runner(spec: RunSpec, cfg: BenchConfig, device):
     model.config.use_cache = False
     model.to(device).train()
     if cfg.ac == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif cfg.ac != "off":
         raise ValueError(f"transformers has no {cfg.ac!r} activation checkpointing")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=device.type == "cuda")

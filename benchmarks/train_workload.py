@@ -73,10 +73,9 @@ def gpu_configs() -> list[BenchConfig]:
 
 
 def smoke_configs() -> list[BenchConfig]:
-    return [
-        BenchConfig("engine", "packed", "twin", "off"),
-        BenchConfig("transformers", "packed", "plain", "off"),
-    ]
+    # The test suite's smoke run is the CPU quick mode itself (every one of its configurations, so each
+    # provider / layout / loss / checkpointing path is exercised), only at a tiny size and step count.
+    return cpu_configs()
 
 
 @dataclass
