@@ -5,7 +5,8 @@ The canonical line is `Paragraph N - Main Point: ... - Word Count: W words` (Chi
 chatter before and after the list, markdown (`**bold**`, `#` headings, list bullets), numbering as
 "Paragraph 1", "Para. 1", "Section 1", "Step 1", "P1", "1.", "1)", "(1)", "第1段", "第一段", "段落1",
 "段落一", full-width colons, the main point and word count on lines of their own, word counts as
-"400 words", "~400", "400-500 words" (mean), "400字", "约400字", and no word count at all.
+"400 words", "~400", "400-500 words" (mean), "400字", "约400字", no word count at all, and the plan given
+as a markdown table (`| 1 | main point | 300 |`).
 """
 
 from __future__ import annotations
@@ -119,10 +120,44 @@ def _split_step(body: str) -> PlanStep:
     return PlanStep(_clean(main), words)
 
 
+_TABLE_ROW = re.compile(r"^\s*\|(.*)\|\s*$")
+_TABLE_RULE = re.compile(r"^[\s:\-|]*$")
+_BARE_COUNT = re.compile(  # a table cell that is only a word count: "300", "~300 words", "300-400字"
+    rf"^[~约≈]*\s*{_COUNT_VALUE}(?:\s*(?:-|–|—|~|～|to|到|至)\s*{_COUNT_VALUE})?\s*(?:words?|字|个字)?$",
+    re.IGNORECASE,
+)
+
+
+def _table_to_lines(text: str) -> str:
+    """Markdown table rows `| 1 | main point | 300 |` as canonical plan lines; other lines unchanged.
+
+    A row counts when its first cell is a step number ("1", "Paragraph 1", "段落1", "第一段"); the cell
+    that is only a count is the word count, the other cells are the main point. Header and rule rows
+    (no step number in the first cell) are dropped."""
+    out = []
+    for line in text.splitlines():
+        m = _TABLE_ROW.match(line)
+        if m is None:
+            out.append(line)
+            continue
+        if _TABLE_RULE.match(line):
+            continue
+        cells = [_clean(c) for c in m.group(1).split("|")]
+        first = f"Paragraph {cells[0]}" if cells[0].isdigit() else cells[0]
+        header = _HEADER.match(first + " ")
+        if not cells[0] or header is None or first[header.end() :].strip():
+            continue  # the header row ("| Paragraph | Main Point | Word Count |") or a stray table
+        counts = [c for c in cells[1:] if _BARE_COUNT.match(c)]
+        main = " - ".join(c for c in cells[1:] if c and c not in counts[-1:])
+        count = f" - Word Count: {counts[-1]}" if counts else ""
+        out.append(f"{first} - Main Point: {main}{count}")
+    return "\n".join(out)
+
+
 def parse_plan(text: str, max_paragraphs: int = MAX_PARAGRAPHS) -> list[PlanStep]:
     """Steps of a plan in order of appearance; raises PlanError if none, or more than max_paragraphs."""
     blocks: list[list[str]] = []
-    for line in text.splitlines():
+    for line in _table_to_lines(text).splitlines():
         if not line.strip():
             continue
         header = _HEADER.match(line)

@@ -107,6 +107,23 @@ def test_word_length_inside_main_point_is_not_a_count():
     assert steps("Paragraph 1 - Main Point: AI (and ML) today (250 words)") == [("AI (and ML) today", 250)]
 
 
+def test_markdown_table_plans():
+    en = """Here is the plan:
+
+| # | Title | Main Point | Words |
+|:-:|---|---|---|
+| 1 | Opening | Set the scene | ~250 |
+| Paragraph 2 | Close | Wrap up, with 3 lessons | 300-400 words |
+
+Total: 650 words"""
+    assert steps(en) == [("Opening - Set the scene", 250), ("Close - Wrap up, with 3 lessons", 350)]
+    zh = "| 段落 | 主要内容 | 字数 |\n| --- | --- | --- |\n| 段落1 | 引言 | 300字 |\n| 第二段 | 结论 |  |"
+    assert steps(zh) == [("引言", 300), ("结论", None)]
+    # a table that is not a plan (no step numbers) gives nothing
+    with pytest.raises(PlanError):
+        parse_plan("| Name | Value |\n|---|---|\n| a | 300 |")
+
+
 def test_unusable_plans_raise():
     with pytest.raises(PlanError):
         parse_plan("I'm sorry, I can't help with that.")
