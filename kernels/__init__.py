@@ -34,6 +34,11 @@ def _check_inputs(hidden, weight, labels, bias) -> None:
         raise ValueError(
             f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, labels {tuple(labels.shape)}"
         )
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:  # a CPU labels tensor would otherwise be read as a device pointer by Triton
+        raise ValueError(
+            f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}"
+        )
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):

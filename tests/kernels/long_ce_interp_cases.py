@@ -26,6 +26,8 @@ CASES = [
     ((37, 31, 123), torch.float32, dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, softcap=4.0)),
     ((37, 31, 123), torch.float16, dict(reduction="sum")),
     ((37, 31, 123), torch.float16, dict(reduction="none", ignore_index=5)),
+    # every option in low precision through the per-row grad_output path
+    ((37, 31, 123), torch.float16, dict(reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=4.0)),
     pytest.param((252, 123, 507), torch.float32, dict(reduction="sum"), marks=pytest.mark.slow),  # ~70 s
 ]
 
@@ -62,7 +64,14 @@ def test_triton_interp_equals_twin_and_edge_rows():
     )
     assert all(torch.equal(x, y) for x, y in zip(a, again))  # deterministic
     labels[:] = -100
-    out = loss_and_grads(linear_cross_entropy, hidden, weight, labels, bias, 2.0, impl="triton")
-    assert out[0].item() == 0.0 and all((g == 0).all() for g in out[1:])
+    for reduction in ("sum", "mean", "none"):
+        out = loss_and_grads(
+            linear_cross_entropy, hidden, weight, labels, bias, 2.0, impl="triton", reduction=reduction
+        )
+        assert all((g == 0).all() for g in out[1:]), reduction
+        if reduction == "mean":  # 0 / 0, as PyTorch
+            assert torch.isnan(out[0])
+        else:
+            assert (out[0] == 0).all(), reduction
     labels[3] = 70  # out of range, unchecked: NaN, no crash
     assert torch.isnan(linear_cross_entropy(hidden, weight, labels, impl="triton", check_labels=False))

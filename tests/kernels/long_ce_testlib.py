@@ -30,10 +30,11 @@ def make_inputs(
         # Confident rows: logits of size ~30 whose argmax is the label (p_y ~ 1, the bf16 trap).
         hidden = hidden * 8.0
         labels = (hidden @ weight.T).argmax(-1)
-    if n >= 2:
-        labels[0], labels[-1] = 0, v - 1
     drop = torch.rand(n, generator=g) < ignore_frac
     labels[drop] = ignore_index
+    if n >= 2 and ignore_frac < 1.0:
+        # The edge classes are always exercised (after the drop, so they are never ignored).
+        labels[0], labels[-1] = 0, v - 1
     b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
     cast = lambda t: None if t is None else t.to(dtype)
     return cast(hidden), cast(weight), labels, cast(b)

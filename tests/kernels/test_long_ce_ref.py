@@ -134,6 +134,10 @@ def test_bad_arguments():
         linear_cross_entropy(hidden, weight[:, :4], labels)
     with pytest.raises(ValueError, match="triton"):
         linear_cross_entropy(hidden, weight, labels, impl="triton")  # CPU tensors, no interpreter
+    with pytest.raises(ValueError, match="one device"):
+        linear_cross_entropy(hidden, weight, labels.to("meta"))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_cross_entropy(hidden, weight, labels, bias=torch.zeros(3))
 
 
 def test_int32_labels():
