@@ -256,7 +256,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
 
     from engine.data import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
+    except ValueError as e:  # e.g. a non-debug flavour name: random weights, but whose tokenizer?
+        key = "tokenizer" if cfg.model.tokenizer else "model"
+        raise ValueError(f"--{key}: {e}; give --tokenizer DIR|FILE for a flavour without one") from None
     train_loader, val_loader = build_data(cfg, info, tokenizer)
     steps_per_epoch = len(train_loader)
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)

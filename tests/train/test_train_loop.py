@@ -253,3 +253,17 @@ def test_bf16_mixed_precision_run_keeps_fp32_master_weights(data, tmp_path):
     final = load_final(tmp_path)
     assert {t.dtype for t in final.values()} == {torch.bfloat16}  # --final_dtype defaults to bf16
     assert (tmp_path / "final" / "tokenizer.json").is_file()
+
+
+def test_glm4_flavour_trains_and_exports(data, tmp_path):
+    """debug-glm4 (GLM-4 template: [gMASK]<sop>, trained <|user|> after each reply) through the same loop,
+    and its export loads in transformers with the trained model's logits."""
+    transformers = pytest.importorskip("transformers")
+    argv = base_args(data, tmp_path, model="debug-glm4", max_steps=3, save_final=True, final_dtype="float32")
+    s = run_inprocess(argv, probe=_logits)
+    steps = train_steps(tmp_path)
+    assert len(steps) == 3 and steps[-1]["loss"] < steps[0]["loss"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(PROBE_IDS).logits.float()
+    torch.testing.assert_close(logits, s["probe"], rtol=1e-4, atol=1e-4)
