@@ -86,7 +86,10 @@ def normalize_row(row) -> tuple[list[dict], dict]:
             if "value" not in m:
                 raise FieldError(f"conversations[{i}].value", "missing content")
             if m["from"] not in _SHAREGPT_ROLES:
-                raise FieldError(f"conversations[{i}].from", f"unknown role {m['from']!r}")
+                raise FieldError(
+                    f"conversations[{i}].from",
+                    f"unknown role {m['from']!r} (expected one of {tuple(_SHAREGPT_ROLES)})",
+                )
             content = _check_str(m["value"], f"conversations[{i}].value")
             messages.append({"role": _SHAREGPT_ROLES[m["from"]], "content": content})
         meta = {k: v for k, v in row.items() if k not in ("conversations", "system")}

@@ -83,13 +83,18 @@ class _Problems:
 def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int]:
     lines, convs, metas = [], [], []
     n_rows = 0
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad row, not a crash of the file
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte-order mark
+            if not raw.strip():
                 continue
             n_rows += 1
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems(path, lineno, "<json>", f"not UTF-8 text: {e}")
+                continue
             except json.JSONDecodeError as e:
                 problems(path, lineno, "<json>", f"malformed JSON: {e}")
                 continue

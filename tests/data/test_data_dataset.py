@@ -77,6 +77,18 @@ def test_bad_row_error_names_file_line_field(tmp_path, tok, bad, field, what):
     assert f"{path}:3:" in msg and field.strip("'") in msg and what in msg
 
 
+def test_non_utf8_line_names_file_and_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(row()).encode()
+    path.write_bytes(
+        b"\xef\xbb\xbf" + good + b"\n" + good + b"\n" + b'{"messages": "\xff\xfe"}\n' + good + b"\n"
+    )
+    with pytest.raises(ValueError, match=f"{path}:3: field '<json>': not UTF-8"):
+        build_dataset([str(path)], tok, max_length=512, seed=0)
+    ds = build_dataset([str(path)], tok, max_length=512, seed=0, check_dataset_strategy="warning")
+    assert len(ds) == 3 and ds.report["invalid"] == 1  # the BOM of line 1 is not an error
+
+
 def test_warning_strategy_skips_counts_and_logs(tmp_path, tok, caplog):
     rows = [row(a=f"reply {i}") for i in range(5)]
     for k, (bad, _, _) in enumerate(BAD_ROWS):
