@@ -119,15 +119,23 @@ def _strip_endpoint(url: str | None) -> str | None:
 
 def load_task_cfg(path: str) -> dict:
     """Map an evalscope longbench_write task file onto our option names."""
+    if not os.path.isfile(path):
+        raise ValueError(f"task file not found: {path}")
+    if not path.endswith((".yaml", ".yml", ".json")):
+        raise ValueError(f"task file must be .yaml, .yml or .json: {path}")
     with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
+        text = f.read()
+    try:
+        if path.endswith(".json"):
+            raw = json.loads(text)
+        else:
             import yaml
 
-            raw = yaml.safe_load(f) or {}
-        elif path.endswith(".json"):
-            raw = json.load(f)
-        else:
-            raise ValueError(f"task file must be .yaml, .yml or .json: {path}")
+            raw = yaml.safe_load(text) or {}
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: say which file, not a traceback
+        raise ValueError(f"task file {path} does not parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"task file {path} must hold a mapping of keys, got {type(raw).__name__}")
     infer = raw.get("infer_config") or {}
     if infer.get("is_chat") is False:
         raise ValueError(
@@ -170,9 +178,13 @@ def resolve_config(argv: list[str] | None) -> dict:
     bad = [s for s in cfg["stage"] if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
-    for key in ("input", "output_dir"):
-        if not cfg[key]:
-            raise ValueError(f"--{key} is required (or {key!r} in the task file)")
+    if not cfg["input"]:
+        raise ValueError(
+            "--input is required (or input_data_path in the task file; evalscope's null means its bundled "
+            "copy, and we ship no data: e.g. --input ../shared/data/longwriter/longbench_write.jsonl)"
+        )
+    if not cfg["output_dir"]:
+        raise ValueError("--output_dir is required (or output_dir in the task file)")
     if "infer" in cfg["stage"] and not cfg["engine_checkpoint"] and not cfg["model"]:
         raise ValueError("stage infer needs --model (and --base_url) or --engine_checkpoint")
     if cfg["engine_checkpoint"] and cfg["repetition_penalty"] != 1.0:

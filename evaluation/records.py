@@ -50,6 +50,8 @@ def append_jsonl(f: IO[str], row: dict) -> None:
 
 def load_prompts(path: str, limit: int | None = None) -> list[dict]:
     """Benchmark rows ({"prompt", "length", ...}) with "idx" = position in the file, the key of every output."""
+    if not os.path.isfile(path):
+        raise ValueError(f"input file not found: {path}")
     rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"no prompts in {path}")

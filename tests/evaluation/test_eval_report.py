@@ -73,3 +73,30 @@ def test_official_pred_file_without_idx_is_scored(tmp_path):
     assert res["n_predictions"] == 2 and res["score_l"] == pytest.approx((100 + 100 * (1 - 1 / 3)) / 2)
     langs = res["scores"]["by_language"]
     assert (langs["zh"]["n"], langs["en"]["n"]) == (1, 1) and langs["en"]["score_l"] == 100
+
+
+@pytest.mark.parametrize(
+    "task, argv, message",
+    [
+        (None, ["--output_dir", "{tmp}/o"], "--input is required (or input_data_path in the task file"),
+        (
+            None,
+            ["--stage", "eval_l", "--input", "{tmp}/no.jsonl", "--output_dir", "{tmp}/o"],
+            "input file not found",
+        ),
+        (None, ["--task_cfg", "{tmp}/missing.yaml"], "task file not found"),
+        ("stage: [eval_l]\ninput_data_path: null\noutput_dir: o\n", [], "input_data_path in the task file"),
+        ("stage: [eval_l\n", [], "does not parse"),
+        ("- just\n- a list\n", [], "must hold a mapping"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, task, argv, message):
+    from evaluation.longbench_write import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if task is not None:
+        (tmp_path / "task.yaml").write_text(task)
+        argv = ["--task_cfg", str(tmp_path / "task.yaml"), *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
