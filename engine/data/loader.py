@@ -180,6 +180,9 @@ class StepLoader:
                 sampler=range(start, n_steps),
                 num_workers=self.num_workers,
                 collate_fn=_identity,
+                # its own generator: otherwise every new iterator draws a worker seed from the global torch
+                # RNG, which shifts NEFTune's noise stream and breaks exact resume mid-epoch
+                generator=torch.Generator().manual_seed(self.seed),
             )
         else:
             batches = (view[k] for k in range(start, n_steps))

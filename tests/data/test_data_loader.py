@@ -137,3 +137,9 @@ def test_workers_produce_the_same_batches(tmp_path):
                 assert torch.equal(p[key], q[key])
             assert p["doc_lengths"] == q["doc_lengths"]
     assert np.all(lazy.lengths == eager.lengths)
+    # Starting a worker iterator leaves the global torch RNG alone (NEFTune's noise stream, exact resume).
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(make(lazy, 1, 2, num_workers=1, max_length=4096)))
+    assert torch.equal(torch.rand(3), want)
