@@ -29,8 +29,19 @@ STRATEGIES = ("required_length", "length_score")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise ValueError(f"{path}:{lineno}: expected a LongWriter row {{'messages': [...]}}")
+            rows.append(row)
+    return rows
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -117,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     strategies = args.strategy or list(STRATEGIES)
 
-    samples = read_jsonl(args.input)
-    print(f"input: {len(samples)} samples", flush=True)
-    kept, reports, before = apply_strategies(
-        samples, strategies, extractor=args.extractor, min_length_score=args.min_length_score
-    )
+    try:
+        samples = read_jsonl(args.input)
+        print(f"input: {len(samples)} samples", flush=True)
+        kept, reports, before = apply_strategies(
+            samples, strategies, extractor=args.extractor, min_length_score=args.min_length_score
+        )
+    except (OSError, ValueError) as e:  # a bad file or a sample without a user/assistant message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for r in reports:
         print(r.line(), flush=True)
         for note in r.notes[:20]:

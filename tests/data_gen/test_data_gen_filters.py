@@ -195,3 +195,20 @@ def test_filter_cli_evalscope_extractor(tmp_path, capsys):
     assert filter_cli.main(["--input", str(inp), "--output", str(out)]) == 0
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert [k["length"] for k in kept] == [800, 10000, 10000]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "data.jsonl:2: not a JSON object"),
+        ('{"prompt": "x"}', "data.jsonl:2: expected a LongWriter row"),
+        ('{"messages": [{"role": "user", "content": "写800字"}]}', "sample without an assistant message"),
+    ],
+)
+def test_filter_cli_bad_rows_exit_2(tmp_path, capsys, line, message):
+    inp = tmp_path / "data.jsonl"
+    inp.write_text(json.dumps(sample("写800字", "字" * 800), ensure_ascii=False) + "\n" + line + "\n")
+    assert filter_cli.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "o.jsonl").exists()
