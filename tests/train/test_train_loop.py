@@ -47,12 +47,14 @@ def baseline(data, tmp_path_factory):
     return out, summary
 
 
-def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path):
+# the resumed run may load its data differently (lazily, in a worker process): same batches, same RNG stream
+@pytest.mark.parametrize("loading", [{}, {"lazy_tokenize": "true", "dataloader_num_workers": 1}])
+def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path, loading):
     out_a, a = baseline
     assert (out_a / "checkpoint-2").is_dir() and (out_a / "checkpoint-4").is_dir()
     assert not list(out_a.glob("*.tmp"))
     b = run_inprocess(args(data, tmp_path, resume_from_checkpoint=out_a / "checkpoint-2", save_final=True,
-                                final_dtype="float32"))  # fmt: skip
+                                final_dtype="float32", **loading))  # fmt: skip
     steps_a, steps_b = train_steps(out_a), train_steps(tmp_path)
     assert [r["step"] for r in steps_b] == [3, 4]
     for ra, rb in zip(steps_a[2:], steps_b):
