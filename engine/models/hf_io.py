@@ -109,8 +109,9 @@ def validate_checkpoint(path: str | os.PathLike, args: ModelArgs, fmt: str) -> d
     """Check every key and shape from the headers alone (nothing is loaded); {file: keys to load}."""
     expected = _expected_shapes(args, fmt)
     plan: dict[Path, list[str]] = {}
-    seen: set[str] = set()
-    for f, header in checkpoint_files(path).items():
+    seen: dict[str, Path] = {}
+    files = checkpoint_files(path)
+    for f, header in files.items():
         keys = []
         for key, entry in header.items():
             if IGNORED_KEYS.match(key):
@@ -128,12 +129,17 @@ def validate_checkpoint(path: str | os.PathLike, args: ModelArgs, fmt: str) -> d
                 raise ValueError(f"{f}: key {key!r} has shape {list(shape)}, expected {list(expected[key])}")
             if entry["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{f}: key {key!r} has unsupported dtype {entry['dtype']}")
-            seen.add(key)
+            if key in seen:  # which copy would win is arbitrary: refuse
+                raise ValueError(f"{f}: key {key!r} is also stored in {seen[key]}")
+            seen[key] = f
             keys.append(key)
         plan[f] = keys
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - set(seen))
     if missing:
-        raise ValueError(f"{Path(path)}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+        # The file that should have listed it: the index of a sharded checkpoint, else the single file.
+        index = Path(path) / "model.safetensors.index.json"
+        where = index if index.is_file() else next(iter(files))
+        raise ValueError(f"{where}: missing key {missing[0]!r} ({len(missing)} missing in all)")
     return plan
 
 

@@ -41,6 +41,11 @@ def test_hf_checkpoint_load_save_roundtrip(case, tmp_path):
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [1, 2]
     assert (_logits(_hf_load(tmp_path / "out"), ids) - ref).abs().max() <= 1e-5
+    # The same model as shards with an index: loads back bit-exactly here and in transformers.
+    save_pretrained(ours, tmp_path / "sharded", max_shard_size="30KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert torch.equal(_logits(load_pretrained(tmp_path / "sharded"), ids), _logits(ours, ids))
+    assert (_logits(_hf_load(tmp_path / "sharded"), ids) - ref).abs().max() <= 1e-5
 
 
 def _chatglm_checkpoint(hf, path):
@@ -119,6 +124,11 @@ def test_chatglm_checkpoint_loads_and_exports_to_glm_and_chatglm(tmp_path):
     )
     assert (tmp_path / "back" / "modeling_chatglm.py").is_file()
     assert (_logits(load_pretrained(tmp_path / "back"), ids) - ref).abs().max() <= 1e-5
+    # chatglm layout as shards (fused query_key_value split across files is still one tensor per file)
+    save_pretrained(ours, tmp_path / "back_sharded", format="chatglm", max_shard_size="30KB")
+    index = json.loads((tmp_path / "back_sharded" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(written) and len(set(index["weight_map"].values())) > 1
+    assert torch.equal(_logits(load_pretrained(tmp_path / "back_sharded"), ids), _logits(ours, ids))
 
 
 def test_sharded_roundtrip_bf16_and_stale_shards_removed(tmp_path):
@@ -182,63 +192,110 @@ def sharded_ckpt(tmp_path):
     return tmp_path / "ck"
 
 
+@pytest.fixture(params=["single", "sharded"])
+def ckpt(request, tmp_path):
+    """A debug-qwen2 checkpoint as one model.safetensors or as several shards with an index."""
+    model = build_model("debug-qwen2")
+    save_pretrained(model, tmp_path / "ck", max_shard_size="60KB" if request.param == "sharded" else "5GB")
+    assert (tmp_path / "ck" / "model.safetensors.index.json").is_file() == (request.param == "sharded")
+    return tmp_path / "ck"
+
+
 def _weight_map(d):
-    return json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    index = d / "model.safetensors.index.json"
+    if not index.is_file():  # single file: every key lives in model.safetensors
+        return dict.fromkeys(load_file(str(d / "model.safetensors")), "model.safetensors")
+    return json.loads(index.read_text())["weight_map"]
 
 
 def test_missing_shard_is_named(sharded_ckpt):
     shard = sorted(set(_weight_map(sharded_ckpt).values()))[1]
     (sharded_ckpt / shard).unlink()
-    with pytest.raises(ValueError, match=shard):
+    with pytest.raises(ValueError, match=f"{shard}: shard listed in model.safetensors.index.json is missing"):
         load_pretrained(sharded_ckpt)
 
 
-def test_truncated_shard_is_named(sharded_ckpt):
-    shard = sorted(set(_weight_map(sharded_ckpt).values()))[-1]
-    f = sharded_ckpt / shard
+def test_missing_single_file_is_named(ckpt):
+    for f in ckpt.glob("model*.safetensors*"):
+        f.unlink()
+    with pytest.raises(ValueError, match="no model.safetensors or model.safetensors.index.json"):
+        load_pretrained(ckpt)
+
+
+def test_truncated_shard_is_named(ckpt):
+    shard = sorted(set(_weight_map(ckpt).values()))[-1]
+    f = ckpt / shard
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=f"{shard}.*truncated"):
-        load_pretrained(sharded_ckpt)
+    with pytest.raises(ValueError, match=f"{shard}: truncated"):
+        load_pretrained(ckpt)
+    f.write_bytes(f.read_bytes()[:5])  # not even a header
+    with pytest.raises(ValueError, match=f"{shard}: not a readable safetensors file"):
+        load_pretrained(ckpt)
 
 
-def test_unknown_model_type(sharded_ckpt):
-    cfg = json.loads((sharded_ckpt / "config.json").read_text())
+def test_unknown_model_type(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
     cfg["model_type"] = "llama"
-    (sharded_ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="config.json.*unknown model_type 'llama'"):
-        load_pretrained(sharded_ckpt)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: unknown model_type 'llama'"):
+        load_pretrained(ckpt)
+
+
+def test_missing_config_key_is_named(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json: missing config key 'hidden_size'"):
+        load_pretrained(ckpt)
 
 
 def _rewrite_shard(d, edit):
-    """Apply edit(tensors) to the shard holding model.norm.weight and keep the index consistent."""
+    """Apply edit(tensors) to the file holding model.norm.weight and keep the index (if any) consistent."""
     wm = _weight_map(d)
     shard = wm["model.norm.weight"]
     tensors = load_file(str(d / shard))
     edit(tensors)
     save_file(tensors, str(d / shard))
-    wm = {k: v for k, v in wm.items() if v != shard} | {k: shard for k in tensors}
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    if (d / "model.safetensors.index.json").is_file():
+        wm = {k: v for k, v in wm.items() if v != shard} | {k: shard for k in tensors}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     return shard
 
 
-def test_missing_key_is_named(sharded_ckpt):
-    _rewrite_shard(sharded_ckpt, lambda t: t.pop("model.norm.weight"))
-    with pytest.raises(ValueError, match="missing key 'model.norm.weight'"):
-        load_pretrained(sharded_ckpt)
+def test_missing_key_is_named(ckpt):
+    _rewrite_shard(ckpt, lambda t: t.pop("model.norm.weight"))
+    # Named with the file that should list it: the index of a sharded checkpoint, else the single file.
+    where = (
+        "model.safetensors.index.json"
+        if (ckpt / "model.safetensors.index.json").is_file()
+        else "model.safetensors"
+    )
+    with pytest.raises(ValueError, match=f"{where}: missing key 'model.norm.weight'"):
+        load_pretrained(ckpt)
 
 
-def test_unexpected_key_is_named(sharded_ckpt):
-    shard = _rewrite_shard(sharded_ckpt, lambda t: t.update({"model.extra.weight": torch.zeros(3)}))
+def test_unexpected_key_is_named(ckpt):
+    shard = _rewrite_shard(ckpt, lambda t: t.update({"model.extra.weight": torch.zeros(3)}))
     with pytest.raises(ValueError, match=f"{shard}: unexpected key 'model.extra.weight'"):
-        load_pretrained(sharded_ckpt)
+        load_pretrained(ckpt)
 
 
-def test_shape_mismatch_is_named(sharded_ckpt):
-    shard = _rewrite_shard(sharded_ckpt, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+def test_shape_mismatch_is_named(ckpt):
+    shard = _rewrite_shard(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
     with pytest.raises(ValueError, match=f"{shard}: key 'model.norm.weight' has shape \\[65\\]"):
-        load_pretrained(sharded_ckpt)
+        load_pretrained(ckpt)
     with pytest.raises(ValueError, match="model.norm.weight"):
-        next(iter_checkpoint(sharded_ckpt))  # the trainer's iterator validates before the first tensor
+        next(iter_checkpoint(ckpt))  # the trainer's iterator validates before the first tensor
+
+
+def test_key_in_two_shards_is_refused(sharded_ckpt):
+    wm = _weight_map(sharded_ckpt)
+    other = next(f for f in sorted(set(wm.values())) if f != wm["model.norm.weight"])
+    tensors = load_file(str(sharded_ckpt / other))
+    tensors["model.norm.weight"] = torch.ones(64)  # a second copy, not listed in the index
+    save_file(tensors, str(sharded_ckpt / other))
+    with pytest.raises(ValueError, match="key 'model.norm.weight' is also stored in"):
+        load_pretrained(sharded_ckpt)
 
 
 def test_listed_key_absent_from_shard_and_bad_format(tmp_path, sharded_ckpt):
@@ -264,3 +321,50 @@ def test_save_accepts_wrapped_names_and_rejects_foreign_state(tmp_path):
     with pytest.raises(ValueError, match="missing state_dict key 'model.norm.weight'"):
         save_pretrained(model, tmp_path / "b", state_dict=state)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("name", ["debug-qwen2", "debug-glm4"])
+def test_export_writes_a_tokenizer_that_transformers_loads(name, tmp_path):
+    from engine.data import load_tokenizer
+
+    tok = load_tokenizer(name)
+    save_pretrained(build_model(name), tmp_path / "a", tokenizer=tok)
+    assert (tmp_path / "a" / "tokenizer.json").is_file() and (
+        tmp_path / "a" / "tokenizer_config.json"
+    ).is_file()
+    text = "Write 10,000 words about the sea. Ünïcödé ✓"
+    want = tok.encode(text)
+    assert load_tokenizer(str(tmp_path / "a")).encode(text) == want
+    hf_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == want
+    # Re-exporting a loaded checkpoint without a tokenizer carries the source's tokenizer files along.
+    save_pretrained(load_pretrained(tmp_path / "a"), tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (
+        tmp_path / "a" / "tokenizer.json"
+    ).read_bytes()
+
+
+def test_rope_base_and_layout_come_from_config_json():
+    from engine.models.hf_config import args_from_config
+
+    base = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    )
+    base |= dict(num_key_value_heads=2, rms_norm_eps=1e-6)
+    qwen, fmt = args_from_config(base | dict(model_type="qwen2", rope_theta=123456.0))
+    assert fmt == "qwen2" and (qwen.rope_theta, qwen.rotary_dim, qwen.rope_layout) == (123456.0, 16, "half")
+    # transformers >= 5 keeps rope values under rope_parameters; GLM rotates half of each head by default.
+    glm, _ = args_from_config(base | dict(model_type="glm", head_dim=32, rope_parameters={"rope_theta": 7e5}))
+    assert (glm.rope_theta, glm.rotary_dim, glm.rope_layout) == (7e5, 16, "interleaved")
+    glm4, _ = args_from_config(base | dict(model_type="glm4", head_dim=32, partial_rotary_factor=0.25))
+    assert glm4.rotary_dim == 8 and glm4.rope_theta == 10000.0
+    chatglm = dict(model_type="chatglm", padded_vocab_size=96, hidden_size=64, ffn_hidden_size=96)
+    chatglm |= dict(num_layers=2, num_attention_heads=4, kv_channels=16, layernorm_epsilon=1e-5)
+    chatglm |= dict(multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True)
+    args, fmt = args_from_config(chatglm | dict(rope_ratio=500))
+    assert fmt == "chatglm" and args.rope_theta == 5e6 and args.rotary_dim == 8 and args.num_kv_heads == 2
+    assert args_from_config(chatglm)[0].rope_theta == 1e4  # no rope_ratio: base 10000
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        args_from_config(base | dict(model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="rmsnorm=False is not supported"):
+        args_from_config(chatglm | dict(rmsnorm=False))
