@@ -259,9 +259,11 @@ def test_bf16_mixed_precision_run_keeps_fp32_master_weights(data, tmp_path):
 
 def test_glm4_flavour_trains_and_exports(data, tmp_path):
     """debug-glm4 (GLM-4 template: [gMASK]<sop>, trained <|user|> after each reply) through the same loop,
-    and its export loads in transformers with the trained model's logits."""
+    and its export loads in transformers with the trained model's logits. Also the non-default paths: no
+    activation checkpointing, --loss_name mean, no packing with 2 padded rows per micro-batch."""
     transformers = pytest.importorskip("transformers")
-    argv = base_args(data, tmp_path, model="debug-glm4", max_steps=3, save_final=True, final_dtype="float32")
+    argv = base_args(data, tmp_path, model="debug-glm4", max_steps=3, save_final=True, final_dtype="float32",
+                     gradient_checkpointing="false", loss_name="mean", packing="false", batch_size=2)  # fmt: skip
     s = run_inprocess(argv, probe=_logits)
     steps = train_steps(tmp_path)
     assert len(steps) == 3 and steps[-1]["loss"] < steps[0]["loss"]
