@@ -103,3 +103,18 @@ def test_sigterm_under_torchrun_then_resume(data, tmp_path):
     assert [r["step"] for r in s_run] == list(range(1, 13))
     for a, b in zip(s_ref, s_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_make_demo(tmp_path):
+    """`make demo` (engine.demo): 2 ranks under torchrun, falling loss, a checkpoint, the HF export and the
+    one-line summary (one epoch here; the full demo runs 3 in about a minute on 2 cores)."""
+    import sys
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "engine.demo", "--nproc", "2", "--epochs", "1", "--output_dir", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = p.stdout.strip().splitlines()[-1]
+    assert summary.startswith("demo: 2 ranks") and "HF export" in summary
+    assert (out / "final" / "model.safetensors").is_file() and list(out.glob("checkpoint-*"))
+    assert "train:" in p.stderr  # the tqdm bar of rank 0
