@@ -60,6 +60,19 @@ def _file_hash(path: str) -> str:
     return h.hexdigest()
 
 
+def _backend_versions() -> str:
+    """Tokenizer library versions: an upgrade may split text differently with the same vocabulary files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("tokenizers", "tiktoken", "sentencepiece"):
+        try:
+            out.append(f"{pkg}={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ",".join(out)
+
+
 class _Problems:
     """Bad rows: raise (check_dataset_strategy="error") or skip, count and report ("warning")."""
 
@@ -142,7 +155,8 @@ def _load_source(
     cache_file = None
     if lazy and cache_dir:
         key = hashlib.sha256(
-            f"v{CACHE_VERSION}|{_file_hash(path)}|{tokenizer.fingerprint}|{tokenizer.template}".encode()
+            f"v{CACHE_VERSION}|{_file_hash(path)}|{tokenizer.fingerprint}|{tokenizer.template}|"
+            f"{_backend_versions()}".encode()
         ).hexdigest()[:32]
         cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
     cached = None
@@ -256,7 +270,11 @@ class SFTDataset:
         else:  # lazy: tokenized here, i.e. inside the loader's workers
             ids, mask = encode_conversations(self.tokenizer, [src.conversations[r]])[0]
         ids, mask = ids[: self.max_length], mask[: self.max_length]
-        assert len(ids) == self.lengths[i], "cached length disagrees with tokenization"
+        if len(ids) != self.lengths[i]:
+            raise ValueError(
+                f"{src.path}:{src.lines[r]}: {len(ids)} tokens now, {self.lengths[i]} in the length cache "
+                "(a tokenizer changed without changing its files?): delete the dataset cache directory"
+            )
         return ids.astype(np.int64), aligned_labels(ids, mask)
 
     def __getitem__(self, i: int) -> dict:
