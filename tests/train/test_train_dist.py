@@ -53,9 +53,10 @@ def test_world_size_invariance(tmp_path):
 
 
 def test_two_node_launch_trains_a_step(data, tmp_path):
-    """Two torchrun agents on one machine, as two nodes of one rank each, meeting at a c10d rendezvous."""
+    """Two torchrun agents on one machine, as two nodes of one rank each, meeting at a c10d rendezvous.
+    Lazy tokenization: rank 0 measures and caches the token lengths, rank 1 reads its cache."""
     port = free_port()
-    args = base_args(data, tmp_path, max_steps=1, gradient_accumulation_steps=2)
+    args = base_args(data, tmp_path, max_steps=1, gradient_accumulation_steps=2, lazy_tokenize="true")
     procs = []
     for node in (0, 1):
         rdzv = ["--nnodes=2", f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
@@ -71,6 +72,7 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
     steps = train_steps(tmp_path)
     assert [r["step"] for r in steps] == [1] and steps[0]["num_tokens"] > 0
     assert (tmp_path / "checkpoint-1").is_dir()
+    assert len(list((tmp_path / "cache").glob("lengths-*.npz"))) == 1
 
 
 @pytest.mark.slow
