@@ -80,9 +80,16 @@ def _rows_kernel(
         m = m_new
         z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
         z_y += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
-    lse = m + tl.log(s)
-
-    loss = lse - (1.0 - label_smoothing) * z_y - label_smoothing * z_sum / V + z_loss * lse * lse
+    # Keep log(s) apart from the max m: lse = m + log(s) rounds to ulp(|m|) (~2e-6 at logits ~30), which
+    # would swamp 1 - p_y on confident rows; z - m and m - z_y are exact-ish, log(s) is small and exact-ish.
+    log_s = tl.log(s)
+    lse = m + log_s
+    # = lse - (1 - eps) z_y - eps mean(z) + zl lse^2, with lse - z_y and lse - mean(z) formed around m
+    loss = (
+        (1.0 - label_smoothing) * ((m - z_y) + log_s)
+        + label_smoothing * ((m - z_sum / V) + log_s)
+        + z_loss * lse * lse
+    )
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(valid & ~in_range, float("nan"), loss)  # bad label: poison, never index out of bounds
     tl.store(loss_ptr + row, loss)
@@ -98,7 +105,7 @@ def _rows_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             z, t = _load_z(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
-            g = tl.exp(z - lse) * coef - label_smoothing / V
+            g = tl.exp((z - m) - log_s) * coef - label_smoothing / V  # p_j, formed around m (see above)
             g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)

@@ -44,7 +44,8 @@ def test_triton_interp_matches_fp64(shape, dtype, kw):
 
 def test_triton_interp_peaked_fp16():
     hidden, weight, labels, _ = make_inputs(32, 32, 96, torch.float16, seed=1, peaked=True, ignore_frac=0.0)
-    check_against_fp64(hidden, weight, labels, None, impl="triton", reduction="mean")
+    # "sum": with "mean" over 32 rows the confident rows' fp16 gradients underflow (in PyTorch too).
+    check_against_fp64(hidden, weight, labels, None, impl="triton", reduction="sum", rowwise=True)
 
 
 def test_triton_interp_equals_twin_and_edge_rows():

@@ -44,9 +44,30 @@ def test_twin_options(dtype, kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_twin_peaked(dtype):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_twin_peaked(dtype, reduction):
     hidden, weight, labels, _ = make_inputs(64, 48, 300, dtype, seed=5, peaked=True, ignore_frac=0.0)
-    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction="mean")
+    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction=reduction, rowwise=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bf16_trap_is_caught(dtype, monkeypatch):
+    """The peaked check can fail: a twin that rounds p_y to the buffer dtype before subtracting 1 (the
+    read-modify-write the design forbids) loses the true-class gradient on confident rows and is caught."""
+    import kernels.long_ce_ref as ref
+    from kernels.long_ce_chunked import Steps
+
+    def rows_with_trap(logits, bias, labels, loss_out, opts, row_scale, write_grad):
+        ref.rows_torch(logits, bias, labels, loss_out, opts, row_scale, write_grad)
+        if write_grad:
+            idx = labels.clamp(min=0)[:, None]
+            p_y = (logits.gather(1, idx).float() + 1.0).to(logits.dtype)  # p_y rounded first
+            logits.scatter_(1, idx, p_y - 1.0)
+
+    monkeypatch.setattr(kernels, "TORCH_STEPS", Steps(rows_with_trap, ref.accumulate_dw_torch))
+    hidden, weight, labels, _ = make_inputs(64, 48, 300, dtype, seed=5, peaked=True, ignore_frac=0.0)
+    with pytest.raises(AssertionError, match="per-row relative error"):
+        check_against_fp64(hidden, weight, labels, None, impl="torch", reduction="sum", rowwise=True)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
