@@ -58,6 +58,14 @@ def max_memory_gb(device: torch.device) -> float:
     return rss / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
+def _step_of(line: str, default: int) -> float:
+    """The step of a metrics.jsonl line; a torn last line (killed mid-write) sorts after every step."""
+    try:
+        return json.loads(line).get("step", default)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger. metrics.jsonl gets one line per optimizer step and
     one per evaluation. On resume, lines past the resumed step (from the interrupted run) are dropped so
@@ -80,11 +88,7 @@ class MetricsLogger:
         path = Path(output_dir) / "metrics.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            keep = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= start_step
-            ]
+            keep = [ln for ln in path.read_text().splitlines() if _step_of(ln, -1) <= start_step]
             path.write_text("".join(ln + "\n" for ln in keep))
         self.file = path.open("a")
         if progress_bar:

@@ -361,3 +361,18 @@ def test_build_data_val_by_file_by_ratio_and_lazy_cache(tmp_path):
     other = tmp_path / "shared_cache"
     build_data(parse_config([*common, "--lazy_tokenize", "--dataset_cache_dir", str(other)]), info, tok)
     assert len(list(other.glob("lengths-*.npz"))) == 1
+
+
+def test_metrics_file_on_resume_drops_later_and_torn_lines(tmp_path):
+    import json
+
+    from engine.metrics import MetricsLogger
+
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5}, {"step": 3}]
+    text = "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo'  # killed mid-write
+    (tmp_path / "metrics.jsonl").write_text(text)
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=4, start_step=2, progress_bar=False)
+    log.log({"step": 3, "loss": 1.5, "lr": 1e-5, "tokens_per_s": 1.0})
+    log.close()
+    got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert got == [*lines[:3], {"step": 3, "loss": 1.5, "lr": 1e-5, "tokens_per_s": 1.0}]
