@@ -104,6 +104,23 @@ def test_grad_flags_and_scaling():
         )
 
 
+@pytest.mark.parametrize("flags", [(h, w, b) for h in (0, 1) for w in (0, 1) for b in (0, 1) if h or w or b])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_every_combination_of_grad_flags(flags, reduction):
+    hidden, weight, labels, bias = make_inputs(30, 16, 50, torch.float32, bias=True)
+    ours = [t.clone().requires_grad_(bool(f)) for t, f in zip((hidden, weight, bias), flags)]
+    ref = [t.clone().requires_grad_(bool(f)) for t, f in zip((hidden, weight, bias), flags)]
+    loss = linear_cross_entropy(*ours[:2], labels, bias=ours[2], reduction=reduction, chunk_bytes=8 * 50 * 4)
+    want = naive_linear_cross_entropy(*ref[:2], labels, bias=ref[2], reduction=reduction)
+    go = torch.linspace(-2, 3, loss.numel()).view(loss.shape)
+    (loss * go).sum().backward()
+    (want * go).sum().backward()
+    for name, a, b in zip(("hidden", "weight", "bias"), ours, ref):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_no_grad_skips_gradient_work(monkeypatch):
     import kernels.long_ce_chunked as chunked
 
