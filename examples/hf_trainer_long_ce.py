@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--output_dir", default="/tmp/hf_trainer_long_ce")
+    parser.add_argument("--baseline", action="store_true", help="the stock Trainer (transformers' own loss)")
     args = parser.parse_args(argv)
     model = tiny_qwen2()
     training_args = TrainingArguments(
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> list[float]:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
     )
-    trainer = LongCETrainer(model=model, args=training_args, train_dataset=ToyDataset())
+    trainer_cls = Trainer if args.baseline else LongCETrainer
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=ToyDataset())
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     print("losses:", losses)

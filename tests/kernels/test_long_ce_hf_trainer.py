@@ -35,7 +35,12 @@ def test_compute_loss_equals_transformers(num_items):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_example_trains(tmp_path):
+def test_example_trains_with_the_loss_of_the_stock_trainer(tmp_path):
+    """Inside a real Trainer (gradient accumulation 2, so num_items_in_batch is used): the logged losses of
+    the first optimizer steps, and hence the updates between them, equal the stock Trainer's."""
     pytest.importorskip("accelerate")  # transformers' Trainer needs it
-    losses = example.main(["--steps", "2", "--output_dir", str(tmp_path)])
-    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)  # noqa: E741
+    losses = example.main(["--steps", "3", "--output_dir", str(tmp_path / "ours")])
+    theirs = example.main(["--steps", "3", "--output_dir", str(tmp_path / "hf"), "--baseline"])
+    assert len(losses) == 3 and all(l == l and l > 0 for l in losses)  # noqa: E741
+    assert losses == pytest.approx(theirs, rel=1e-4)
+    assert losses[0] != losses[-1]  # the steps really updated the model
