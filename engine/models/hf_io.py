@@ -70,7 +70,13 @@ def _read_header(file: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
-        raise ValueError(f"{file}: truncated ({size} bytes, the header describes {8 + n + end})")
+        cut = [k for k, v in header.items() if 8 + n + v["data_offsets"][1] > size]
+        cut.sort(key=lambda k: header[k]["data_offsets"][0])  # the first key cut short, in file order
+        raise ValueError(
+            f"{file}: truncated ({size} bytes, the header describes {8 + n + end}): key {cut[0]!r}"
+            + (f" and {len(cut) - 1} more lie" if len(cut) > 1 else " lies")
+            + " past the end"
+        )
     return header
 
 
