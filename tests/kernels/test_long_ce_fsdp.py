@@ -7,9 +7,6 @@ the reduce-scatter is a plain SUM on NCCL and gloo alike; gloo would otherwise s
 pytorch#162338), so the summed gradient is d(global sum / global count).
 """
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -96,9 +93,9 @@ def _check_variant(rank: int, world: int, head_unit: bool) -> None:
         torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _worker(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store_file: str) -> None:
+    # A file rendezvous: no free-port race with other tests running at the same time.
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         for head_unit in (True, False):
             _check_variant(rank, world, head_unit)
@@ -106,12 +103,6 @@ def _worker(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
-def test_fsdp2_gloo_gradients_equal_single_process():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+def test_fsdp2_gloo_gradients_equal_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
