@@ -69,7 +69,11 @@ def build_sharded_model(cfg: Config, info: DistInfo):
         model = load_pretrained(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
     else:
         model = build_model(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
-    model.loss_fn = functools.partial(kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl)
+    # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
+    # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
+    model.loss_fn = functools.partial(
+        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False
+    )
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
         apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
@@ -266,6 +270,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
 
     model = build_sharded_model(cfg, info)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise ValueError(
+            f"the tokenizer of {cfg.model.tokenizer or cfg.model.model} has {tokenizer.vocab_size} ids but the "
+            f"model's vocabulary has {model.args.vocab_size} rows: token ids would fall outside the embedding"
+        )
     o = cfg.optim
     optimizer = build_optimizer(
         model,

@@ -199,6 +199,22 @@ def test_dataset_too_small_is_a_clear_error(tmp_path):
         run_inprocess(args(small, tmp_path / "out", gradient_accumulation_steps=8, packing="false"))
 
 
+def test_tokenizer_larger_than_the_model_vocabulary_is_an_error(data, tmp_path, monkeypatch):
+    # The trainer turns the kernel's per-call label check off; this start-up check is what replaces it.
+    import engine.data
+
+    real = engine.data.load_tokenizer
+
+    def too_big(name):
+        tok = real(name)
+        monkeypatch.setattr(type(tok), "vocab_size", property(lambda self: 513))  # debug model: 512 rows
+        return tok
+
+    monkeypatch.setattr(engine.data, "load_tokenizer", too_big)
+    with pytest.raises(ValueError, match="513 ids but the model's vocabulary has 512 rows"):
+        run_inprocess(args(data, tmp_path / "out"))
+
+
 def test_neftune_hooks_fire_under_fsdp(data, baseline, tmp_path):
     out_a, _ = baseline
     run_inprocess(args(data, tmp_path, max_steps=1, neftune_noise_alpha=0))
