@@ -33,6 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_gen.filters import required_length
+from data_gen.jsonl import iter_objects
 from data_gen.length import count_words
 from data_gen.llm import LLMClient, LLMError
 from data_gen.plan import (
@@ -123,33 +124,24 @@ class Item:
 def read_items(path: str | os.PathLike) -> list[Item]:
     items: list[Item] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            prompt = row.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{path}:{lineno}: row without a non-empty string 'prompt'")
-            if row.get("id") is not None:
-                id_ = str(row["id"])
-                if id_ in seen:
-                    raise ValueError(f"{path}:{lineno}: duplicate id {id_!r}")
-            else:  # stable across reruns: derived from the prompt (and its repeat count)
-                base = hashlib.sha1(prompt.encode()).hexdigest()[:16]
-                id_, k = base, 1
-                while id_ in seen:
-                    id_, k = f"{base}-{k}", k + 1
-            seen.add(id_)
-            length = _given_length(row.get("length"), f"{path}:{lineno}")
-            if length is None:
-                length = required_length(prompt)
-            items.append(Item(len(items), id_, prompt, length, detect_language(prompt)))
+    for lineno, row in iter_objects(path):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{lineno}: row without a non-empty string 'prompt'")
+        if row.get("id") is not None:
+            id_ = str(row["id"])
+            if id_ in seen:
+                raise ValueError(f"{path}:{lineno}: duplicate id {id_!r}")
+        else:  # stable across reruns: derived from the prompt (and its repeat count)
+            base = hashlib.sha1(prompt.encode()).hexdigest()[:16]
+            id_, k = base, 1
+            while id_ in seen:
+                id_, k = f"{base}-{k}", k + 1
+        seen.add(id_)
+        length = _given_length(row.get("length"), f"{path}:{lineno}")
+        if length is None:
+            length = required_length(prompt)
+        items.append(Item(len(items), id_, prompt, length, detect_language(prompt)))
     return items
 
 

@@ -23,6 +23,7 @@ from data_gen.filters import (
     filter_required_length,
     last_assistant_message,
 )
+from data_gen.jsonl import iter_objects
 from data_gen.length import count_words
 
 STRATEGIES = ("required_length", "length_score")
@@ -30,17 +31,10 @@ STRATEGIES = ("required_length", "length_score")
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise ValueError(f"{path}:{lineno}: expected a LongWriter row {{'messages': [...]}}")
-            rows.append(row)
+    for lineno, row in iter_objects(path):
+        if not isinstance(row.get("messages"), list):
+            raise ValueError(f"{path}:{lineno}: expected a LongWriter row {{'messages': [...]}}")
+        rows.append(row)
     return rows
 
 
