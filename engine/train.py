@@ -162,10 +162,11 @@ def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device
         sum(mb["num_target_tokens"] for mb in micro_batches),
         sum(sum(mb["doc_lengths"]) for mb in micro_batches),
         sum(sum(n * n for n in mb["doc_lengths"]) for mb in micro_batches),
+        sum(mb["num_target_tokens"] > 0 for mb in micro_batches),  # filler micro-batches have none
     ]
-    n_target, n_tokens, sum_sq = _all_reduce(local, device)
+    n_target, n_tokens, sum_sq, n_nonempty = _all_reduce(local, device)
     denom = max(n_target, 1.0)
-    n_mean = len(micro_batches) * dist.get_world_size()
+    n_mean = max(n_nonempty, 1.0)  # "mean" averages over the micro-batches that have targets
     acc = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
         if stop is not None and stop():

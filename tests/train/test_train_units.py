@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -272,6 +273,28 @@ def test_long_ce_invariant_to_micro_batch_split(pg, loss_name):
         assert o1["loss"] == pytest.approx(ref.item() / big["num_target_tokens"], rel=1e-6)
     else:  # the per-micro-batch mean weighs short rows' tokens more: the split changes the result
         assert o4["loss"] != pytest.approx(o1["loss"], rel=1e-3) and not same
+
+
+def test_mean_loss_ignores_filler_micro_batches(pg):
+    # The loader pads a short last step with all-ignored filler rows: "mean" must average over the
+    # micro-batches that have targets only, or the filler would pull the loss and gradients towards 0.
+    from engine.data import collate_rows
+    from engine.train import forward_backward
+
+    torch.manual_seed(0)
+    model = build_model("debug-qwen2")
+    rows = _micro([[20], [7, 9]])
+    filler = [(ids, np.full_like(lab, -100)) for ids, lab in _micro([[12]], seed=1)[0]]
+
+    def run(batches):
+        model.zero_grad()
+        mbs = [collate_rows(b, pad_token_id=0) for b in batches]
+        out = forward_backward(model, mbs, loss_name="mean", device=torch.device("cpu"))
+        return out["loss"], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (l2, g2), (l3, g3) = run([rows[:1], rows[1:]]), run([rows[:1], rows[1:], [filler]])
+    assert l3 == pytest.approx(l2, rel=1e-6)
+    assert all(torch.allclose(g2[n], g3[n], rtol=1e-5, atol=1e-8) for n in g2)
 
 
 # ------------------------------------------------------------------ memory plan
