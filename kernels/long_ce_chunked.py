@@ -122,10 +122,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             hidden, weight, bias, labels, opts, steps, need_dx=need_dx, need_dw=need_dw, need_db=need_db
         )
         loss, count = _reduce(loss_rows, labels, opts)
-        if dw is not None and dw.dtype != weight.dtype:
-            dw = dw.to(weight.dtype)  # the fp32 accumulator is freed here, before the backward
-        if db is not None and db.dtype != bias.dtype:
-            db = db.to(bias.dtype)
+        # dW and db stay in their fp32 accumulators until the backward has scaled them by grad_output, so a
+        # 16-bit weight's gradient is rounded once (the trainer's grad_output is 1 / token count, not 1).
+        # Same memory as rounding here: the fp32 and the 16-bit dW coexist only inside the .to() either way.
         ctx.grads = [dx, dw, db, count]
         return loss
 
@@ -164,4 +163,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for t in (dx, dw, db):
             if t is not None:
                 t.mul_(g)
+        dw = None if dw is None else dw.to(ctx.weight_dtype)  # frees the fp32 accumulator
+        db = None if db is None else db.to(ctx.bias_dtype)
         return dx, dw, db, None, None, None, None

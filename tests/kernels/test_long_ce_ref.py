@@ -206,3 +206,24 @@ def test_import_does_not_need_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
     assert kernels.linear_cross_entropy is linear_cross_entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradient_is_rounded_once(dtype):
+    # The trainer back-propagates loss_sum / n_tokens: grad_output != 1. The fp32 accumulator is scaled
+    # before its single rounding to the weight's dtype (rounding, then scaling in 16 bits, rounds twice).
+    from kernels.long_ce_chunked import TORCH_STEPS, chunked_pass
+    from kernels.long_ce_ref import LongCEOptions
+
+    torch.manual_seed(0)
+    hidden = torch.randn(96, 48).to(dtype)
+    weight = (torch.randn(300, 48) / 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 300, (96,))
+    (linear_cross_entropy(hidden, weight, labels, impl="torch") / 7.0).backward()
+    opts = LongCEOptions(chunk_bytes=64 * 2**20)
+    _, _, dw_acc, _ = chunked_pass(
+        hidden, weight.detach(), None, labels, opts, TORCH_STEPS, need_dx=False, need_dw=True, need_db=False
+    )
+    assert torch.equal(weight.grad, (dw_acc * (1.0 / 7.0)).to(dtype))
+    twice = dw_acc.to(dtype) * (1.0 / 7.0)  # what a 16-bit read-modify-write would give
+    assert not torch.equal(weight.grad, twice)
