@@ -21,9 +21,8 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     from engine.config import Config
     from engine.models import default_loss_fn
     from engine.models.attention import resolve_attn_impl
-    from engine.optim import build_optimizer, build_scheduler
     from engine.parallel import init_distributed
-    from engine.train import build_sharded_model, optimizer_step
+    from engine.train import build_optimizer_and_schedule, build_sharded_model, optimizer_step
 
     info = init_distributed()
     c = Config()
@@ -36,15 +35,8 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     model = build_sharded_model(c, info)
     if cfg.loss == "plain":
         model.loss_fn = default_loss_fn
-    o = c.optim
-    opt = build_optimizer(
-        model,
-        lr=o.learning_rate,
-        weight_decay=o.weight_decay,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_epsilon,
-    )
-    sched = build_scheduler(opt, kind="constant", warmup_ratio=0.0, total_steps=spec.warmup + spec.steps)
+    c.optim.lr_scheduler_type, c.optim.warmup_ratio = "constant", 0.0
+    opt, sched = build_optimizer_and_schedule(model, c, spec.warmup + spec.steps)
 
     def step(micro_batches):  # the trainer's own step: long-ce forward/backward, clip, AdamW, LR
         return optimizer_step(model, opt, sched, micro_batches, c, device, stop=None)["loss"]

@@ -89,6 +89,19 @@ def build_sharded_model(cfg: Config, info: DistInfo):
     return model
 
 
+def build_optimizer_and_schedule(model, cfg: Config, total_steps: int):
+    """AdamW over the (sharded) parameters and its LR schedule, from cfg.optim."""
+    o = cfg.optim
+    optimizer = build_optimizer(
+        model, lr=o.learning_rate, weight_decay=o.weight_decay, betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+    )  # fmt: skip
+    scheduler = build_scheduler(
+        optimizer, kind=o.lr_scheduler_type, warmup_ratio=o.warmup_ratio, total_steps=total_steps
+    )
+    return optimizer, scheduler
+
+
 def build_data(cfg: Config, info: DistInfo, tokenizer):
     from engine.data import StepLoader, build_dataset, split_dataset
 
@@ -276,17 +289,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             f"the tokenizer of {cfg.model.tokenizer or cfg.model.model} has {tokenizer.vocab_size} ids but the "
             f"model's vocabulary has {model.args.vocab_size} rows: token ids would fall outside the embedding"
         )
-    o = cfg.optim
-    optimizer = build_optimizer(
-        model,
-        lr=o.learning_rate,
-        weight_decay=o.weight_decay,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_epsilon,
-    )
-    scheduler = build_scheduler(
-        optimizer, kind=o.lr_scheduler_type, warmup_ratio=o.warmup_ratio, total_steps=total
-    )
+    optimizer, scheduler = build_optimizer_and_schedule(model, cfg, total)
 
     step = 0
     if resume is not None:
