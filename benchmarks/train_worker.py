@@ -22,7 +22,8 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     from engine.models import default_loss_fn
     from engine.models.attention import resolve_attn_impl
     from engine.parallel import init_distributed
-    from engine.train import build_optimizer_and_schedule, build_sharded_model, optimizer_step
+    from engine.step import optimizer_step
+    from engine.train import build_optimizer_and_schedule, build_sharded_model
 
     info = init_distributed()
     c = Config()
@@ -39,7 +40,15 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     opt, sched = build_optimizer_and_schedule(model, c, spec.warmup + spec.steps)
 
     def step(micro_batches):  # the trainer's own step: long-ce forward/backward, clip, AdamW, LR
-        return optimizer_step(model, opt, sched, micro_batches, c, device, stop=None)["loss"]
+        return optimizer_step(
+            model,
+            opt,
+            sched,
+            micro_batches,
+            loss_name=c.train.loss_name,
+            max_grad_norm=c.optim.max_grad_norm,
+            device=device,
+        )["loss"]
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return step, {

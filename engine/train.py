@@ -22,7 +22,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from engine.checkpoint import (
 from engine.config import Config, parse_config, usage
 from engine.memory import plan_memory
 from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
-from engine.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
     DistInfo,
     apply_activation_checkpointing,
@@ -51,6 +50,7 @@ from engine.parallel import (
     load_full_tensors_,
     random_init_tensors,
 )
+from engine.step import all_reduce_floats, evaluate, optimizer_step
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -152,92 +152,6 @@ def build_data(cfg: Config, info: DistInfo, tokenizer):
     return train_loader, val_loader
 
 
-def _all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
-def _to(mb: dict, device) -> dict:
-    return {
-        "input_ids": mb["input_ids"].to(device, non_blocking=True),
-        "position_ids": mb["position_ids"].to(device, non_blocking=True),
-        "cu_seqlens": mb["cu_seqlens"],  # stays on the host (contract of engine.models)
-        "max_seqlen": mb["max_seqlen"],
-        "labels": mb["labels"].to(device, non_blocking=True),
-    }
-
-
-def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device, stop=None) -> dict:
-    """Forward + backward of one optimizer step's micro-batches on this rank. Returns the global loss and
-    token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step is abandoned)."""
-    local = [
-        sum(mb["num_target_tokens"] for mb in micro_batches),
-        sum(sum(mb["doc_lengths"]) for mb in micro_batches),
-        sum(sum(n * n for n in mb["doc_lengths"]) for mb in micro_batches),
-        sum(mb["num_target_tokens"] > 0 for mb in micro_batches),  # filler micro-batches have none
-    ]
-    n_target, n_tokens, sum_sq, n_nonempty = _all_reduce(local, device)
-    denom = max(n_target, 1.0)
-    n_mean = max(n_nonempty, 1.0)  # "mean" averages over the micro-batches that have targets
-    acc = torch.zeros((), dtype=torch.float64, device=device)
-    for mb in micro_batches:
-        if stop is not None and stop():
-            return None
-        b = _to(mb, device)
-        loss_sum = model(
-            b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
-        )
-        if loss_name == "long-ce":
-            loss = loss_sum / denom  # every target token of the global step weighs 1 / n_target
-            acc += loss_sum.detach()
-        else:  # "mean": each micro-batch's own token mean, then the mean over micro-batches and ranks
-            loss = loss_sum / max(mb["num_target_tokens"], 1) / n_mean
-            acc += loss.detach() * n_mean
-        loss.backward()
-    dist.all_reduce(acc)
-    loss = acc.item() / (denom if loss_name == "long-ce" else n_mean)
-    return {"loss": loss, "num_tokens": int(n_target), "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
-
-
-def optimizer_step(model, optimizer, scheduler, micro_batches, cfg: Config, device, stop) -> dict | None:
-    """One optimizer step: forward/backward of the micro-batches, clip by the global norm, AdamW, LR.
-
-    A non-finite loss or gradient norm (the same on every rank: both are all-reduced) skips the AdamW update
-    but still advances the schedule and the data. None when SIGTERM abandoned the step.
-    """
-    res = forward_backward(model, micro_batches, loss_name=cfg.train.loss_name, device=device, stop=stop)
-    if res is None:
-        return None
-    grad_norm = clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm).item()
-    finite = math.isfinite(res["loss"]) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
-    return dict(res, grad_norm=grad_norm, finite=finite)
-
-
-@torch.no_grad()
-def evaluate(model, loader, device) -> float:
-    """Token-mean loss over the whole validation set (all ranks)."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for micro_batches in loader:
-        for mb in micro_batches:
-            b = _to(mb, device)
-            total += model(
-                b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
-            )
-            count += mb["num_target_tokens"]
-    model.train()
-    total_sum, count = _all_reduce([total.item(), count], device)
-    return total_sum / max(count, 1.0)
-
-
 class _Stop:
     """SIGTERM sets a flag; ranks agree on it (all-reduce MAX) between micro-batches."""
 
@@ -249,7 +163,7 @@ class _Stop:
         self.flag = True
 
     def __call__(self) -> bool:
-        return bool(_all_reduce([float(self.flag)], torch.device("cpu"), dist.ReduceOp.MAX)[0])
+        return bool(all_reduce_floats([float(self.flag)], torch.device("cpu"), dist.ReduceOp.MAX)[0])
 
     def restore(self):
         signal.signal(signal.SIGTERM, self.old)
@@ -353,7 +267,10 @@ def train(cfg: Config, *, on_step=None) -> dict:
             t0 = time.perf_counter()
             for micro_batches in train_loader:
                 lr = scheduler.get_last_lr()[0]
-                res = optimizer_step(model, optimizer, scheduler, micro_batches, cfg, device, stop)
+                res = optimizer_step(
+                    model, optimizer, scheduler, micro_batches, loss_name=t.loss_name,
+                    max_grad_norm=cfg.optim.max_grad_norm, device=device, stop=stop,
+                )  # fmt: skip
                 if res is None:
                     stopped = True
                     break

@@ -243,7 +243,7 @@ def _micro(docs_per_row, seed=0):
 @pytest.mark.parametrize("loss_name", ["long-ce", "mean"])
 def test_long_ce_invariant_to_micro_batch_split(pg, loss_name):
     from engine.data import collate_rows
-    from engine.train import forward_backward
+    from engine.step import forward_backward
 
     torch.manual_seed(0)
     model = build_model("debug-qwen2")
@@ -279,7 +279,7 @@ def test_mean_loss_ignores_filler_micro_batches(pg):
     # The loader pads a short last step with all-ignored filler rows: "mean" must average over the
     # micro-batches that have targets only, or the filler would pull the loss and gradients towards 0.
     from engine.data import collate_rows
-    from engine.train import forward_backward
+    from engine.step import forward_backward
 
     torch.manual_seed(0)
     model = build_model("debug-qwen2")
