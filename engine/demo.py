@@ -52,16 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1]))
+    from engine.checkpoint import list_checkpoints
     from engine.models import load_pretrained
 
+    ckpts = list_checkpoints(out)  # complete checkpoints only, oldest first
     final = load_pretrained(out / "final")  # the export reloads (transformers loads it too: tests/train)
     head = sum(r["loss"] for r in steps[:3]) / len(steps[:3])
     tail = sum(r["loss"] for r in steps[-3:]) / len(steps[-3:])
     tok_s = sum(r["tokens"] for r in steps) / sum(r["step_time_s"] for r in steps)
     print(
         f"demo: {args.nproc} ranks, {len(steps)} steps in {wall:.0f} s, loss {head:.3f} -> {tail:.3f} "
-        f"(first/last 3 steps), {tok_s:.0f} tokens/s, checkpoint {ckpts[-1].name if ckpts else 'none'}, "
+        f"(first/last 3 steps), {tok_s:.0f} tokens/s, checkpoint {ckpts[-1][1].name if ckpts else 'none'}, "
         f"HF export {out / 'final'} ({final.args.num_params() / 1e6:.2f}M params)",
         flush=True,
     )
