@@ -4,7 +4,8 @@ materialisation of a meta-device model into sharded parameters. Model files know
 Required order (as torchtitan's parallelize.py):
     build on meta -> apply_neftune (hooks, any time before training) -> apply_activation_checkpointing
     -> apply_fsdp (AC wraps each block *before* fully_shard, so the FSDP unit is the checkpointed block and
-    its all-gather is redone inside the recompute) -> materialize_ (to_empty + init / load into the shards).
+    its all-gather is redone inside the recompute) -> to_empty + load_full_tensors_ (a checkpoint's tensors, or
+    random_init_tensors, copied into the shards).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def load_full_tensors_(
         raise KeyError(f"parameters missing from the checkpoint: {sorted(missing)[:8]}")
 
 
-def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02, device=None):
+def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02):
     """HF-style init (normal(0, std) weights, zero biases, unit norm weights) per parameter, generated from a
     generator seeded by (seed, name): identical on every rank and every world size, whatever the order."""
     from engine.optim import _is_norm
@@ -159,7 +160,7 @@ def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02, device=N
     }
     for name, p in model.named_parameters():
         name = clean_fqn(name)
-        dev = device or p.device
+        dev = p.device
         if name in norms:
             yield name, torch.ones(p.shape, dtype=torch.float32, device=dev)
         elif name.endswith("bias"):
