@@ -155,8 +155,8 @@ def build_data(cfg: Config, info: DistInfo, tokenizer):
 class _Stop:
     """SIGTERM sets a flag; ranks agree on it (all-reduce MAX) between micro-batches."""
 
-    def __init__(self, device):
-        self.device, self.flag = device, False
+    def __init__(self):
+        self.flag = False
         self.old = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
@@ -254,7 +254,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         epoch = round(step / steps_per_epoch, 4)
         log.log({"step": step, "epoch": epoch, "eval_loss": evaluate(model, val_loader, device)})
 
-    stop = _Stop(device)
+    stop = _Stop()
     peak = peak_flops(device)
     bad_in_row, skipped, losses, last_saved, stopped = 0, 0, [], None, False
     boundary = snapshot()
