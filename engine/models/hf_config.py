@@ -293,6 +293,3 @@ def export_state(state: dict[str, torch.Tensor], args: ModelArgs, fmt: str) -> d
         elif not suffix.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
             raise ValueError(f"no chatglm name for parameter {name!r}")
     return out
-
-
-# ---------------------------------------------------------------------------------------- safetensors
