@@ -145,9 +145,8 @@ class StepLoader:
         """Global rows of every step of the epoch (filler rows are [FILLER])."""
         plan = self._plan(epoch)
         G = self.global_batch
-        n_steps = len(plan) // G if self.drop_last else -(-len(plan) // G)
         steps = []
-        for k in range(n_steps):
+        for k in range(self.steps_in_epoch(epoch)):
             rows = plan[k * G : (k + 1) * G]
             steps.append(rows + [[FILLER]] * (G - len(rows)))
         return steps
