@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_gen.filters import required_length
-from data_gen.jsonl import iter_objects
+from data_gen.jsonl import iter_objects, write_objects
 from data_gen.length import count_words
 from data_gen.llm import LLMClient, LLMError
 from data_gen.plan import (
@@ -316,16 +316,6 @@ def output_row(item: Item, response: str) -> dict:
     }
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 async def run(
     items: list[Item],
     client: LLMClient,
@@ -375,9 +365,9 @@ async def run(
             for it in items
             if progress.state(it.key).finished
         ]
-        _write_jsonl_atomic(output, rows)
+        write_objects(output, rows)
         failures.sort(key=lambda r: r["index"])
-        _write_jsonl_atomic(failures_path, failures)
+        write_objects(failures_path, failures)
         progress.close()
         bar_paras.close()
         bar_items.close()

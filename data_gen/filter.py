@@ -11,7 +11,6 @@ response length, before and after the length filtering, is written next to the o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from data_gen.filters import (
     filter_required_length,
     last_assistant_message,
 )
-from data_gen.jsonl import iter_objects
+from data_gen.jsonl import iter_objects, write_objects
 from data_gen.length import count_words
 
 STRATEGIES = ("required_length", "length_score")
@@ -36,15 +35,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}:{lineno}: expected a LongWriter row {{'messages': [...]}}")
         rows.append(row)
     return rows
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def length_pairs(samples: list[dict]) -> tuple[list[int], list[int]]:
@@ -137,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {note}")
         if len(r.notes) > 20:
             print(f"  ... and {len(r.notes) - 20} more")
-    write_jsonl(args.output, kept)
+    write_objects(args.output, kept)
     print(f"output: {len(kept)} samples -> {args.output}")
     if not args.no_plot:
         out = Path(args.output)

@@ -1,10 +1,12 @@
-"""Strict JSONL input: every non-blank line must be a JSON object; errors name the file and line."""
+"""JSONL files of data_gen: strict input (every non-blank line a JSON object; errors name the file and line)
+and whole-file output written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 
 def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -20,3 +22,16 @@ def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
+
+
+def write_objects(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write `rows` as JSONL to a temporary file, fsync it and rename it over `path`: a reader (or a
+    killed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
