@@ -305,6 +305,8 @@ def test_memory_plan_qwen2_7b_on_4_a100():
     n = args.num_params()
     assert ac.params == ac.grads == n * 4 / 4 and ac.optimizer == n * 8 / 4
     assert 40 < ac.total / 2**30 < 80 < no_ac.total / 2**30
+    # the recipe's comment quotes this plan (what `python -m engine.memory --model qwen2-7b` prints)
+    assert f"{ac.gib()['total']:.2f} GiB" in (REPO / "examples/longwriter_qwen2_7b.yaml").read_text()
     torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
     assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
     assert "total" in ac.format()
