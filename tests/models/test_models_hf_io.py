@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 import transformers as tf
-from models_hf_tiny import CASES, hf_model
+from models_hf_tiny import CASES, COMMON, hf_model
 from safetensors.torch import load_file, save_file
 
 from engine.models import FLAVOURS, build_model, iter_checkpoint, load_pretrained, save_pretrained
@@ -355,10 +355,7 @@ def test_export_writes_a_tokenizer_that_transformers_loads(name, tmp_path):
 def test_rope_base_and_layout_come_from_config_json():
     from engine.models.hf_config import args_from_config
 
-    base = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
-    )
-    base |= dict(num_key_value_heads=2, rms_norm_eps=1e-6)
+    base = COMMON | dict(num_key_value_heads=2, rms_norm_eps=1e-6)
     qwen, fmt = args_from_config(base | dict(model_type="qwen2", rope_theta=123456.0))
     assert fmt == "qwen2" and (qwen.rope_theta, qwen.rotary_dim, qwen.rope_layout) == (123456.0, 16, "half")
     # transformers >= 5 keeps rope values under rope_parameters; GLM rotates half of each head by default.
