@@ -9,13 +9,15 @@ import os
 from collections.abc import Iterable
 from typing import IO
 
+from data_gen.jsonl import iter_objects
 from data_gen.length import count_words
 
 log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped with a warning."""
+    """Rows of an output JSONL file (pred/judge); a torn last line (a run killed mid-write) is skipped with a
+    warning. Inputs are read strictly (data_gen.jsonl.iter_objects)."""
     if not os.path.exists(path):
         return []
     rows = []
@@ -52,15 +54,17 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
     """Benchmark rows ({"prompt", "length", ...}) with "idx" = position in the file, the key of every output."""
     if not os.path.isfile(path):
         raise ValueError(f"input file not found: {path}")
-    rows = read_jsonl(path)
+    # Strict, unlike read_jsonl: a skipped bad line would shift the idx of every row after it.
+    rows = []
+    for lineno, row in iter_objects(path):
+        if "prompt" not in row or "length" not in row:
+            raise ValueError(f"{path}:{lineno}: needs 'prompt' and 'length', got keys {sorted(row)}")
+        if not isinstance(row["length"], int | float) or row["length"] <= 0:
+            raise ValueError(f"{path}:{lineno}: 'length' must be a positive number, got {row['length']!r}")
+        row.setdefault("idx", len(rows))
+        rows.append(row)
     if not rows:
         raise ValueError(f"no prompts in {path}")
-    for i, row in enumerate(rows):
-        if "prompt" not in row or "length" not in row:
-            raise ValueError(f"{path} row {i}: needs 'prompt' and 'length', got keys {sorted(row)}")
-        if not isinstance(row["length"], int | float) or row["length"] <= 0:
-            raise ValueError(f"{path} row {i}: 'length' must be a positive number, got {row['length']!r}")
-        row.setdefault("idx", i)
     return rows[:limit] if limit is not None else rows
 
 
@@ -96,7 +100,7 @@ def assign_languages(items: list[dict], en_file: str | None) -> str:
     Chinese prompt there asks for an English essay). Inputs without such a list (LongWrite-Ruler, custom
     sets) fall back to the script of the prompt.
     """
-    en_prompts = {r["prompt"] for r in read_jsonl(en_file)} if en_file else set()
+    en_prompts = {r["prompt"] for _, r in iter_objects(en_file)} if en_file else set()
     if en_prompts and any(it["prompt"] in en_prompts for it in items):
         for it in items:
             it["lang"] = "en" if it["prompt"] in en_prompts else "zh"

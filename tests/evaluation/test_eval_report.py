@@ -100,3 +100,13 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, capsys, task, argv, mess
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_malformed_input_line_is_an_error_not_a_shifted_idx(tmp_path, capsys):
+    from evaluation.longbench_write import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a", "length": 5}\n{"prompt": "b", "len\n{"prompt": "c", "length": 5}\n')
+    argv = ["--stage", "eval_l", "--input", str(inp), "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert f"{inp}:2: not a JSON object" in capsys.readouterr().err
