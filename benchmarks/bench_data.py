@@ -103,10 +103,10 @@ def main() -> None:
     rows: list[dict] = []
 
     def record(mode, metric, unit, shape, values):
-        r = row(env, "engine.data", mode, metric, unit, shape, values)
         # 6 significant digits, as the rows recorded before (and data.md)
-        rows.append(r | {p: f"{r[p]:.6g}" for p in ("p20", "p50", "p80")})
-        print(f"{mode:28s} {metric:22s} {shape:34s} p50={r['p50']:.6g} {unit}")
+        r = row(env, "engine.data", mode, metric, unit, shape, values, fmt=".6g")
+        rows.append(r)
+        print(f"{mode:28s} {metric:22s} {shape:34s} p50={r['p50']} {unit}")
 
     # 1. Packing plans on LongWriter-like lengths.
     mixes = [("long_only", 6000, 0), ("long+short_1:20", 6000, 120000), ("short+long_20:1", 6000, 300)]

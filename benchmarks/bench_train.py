@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import CSV_FIELDS, append_rows, device_slug, environment
+from benchmarks.common import append_rows, device_slug, environment, row
 from benchmarks.train_plan import GPUS, write_plan
 from benchmarks.train_report import merge_rounds, pcts, plot, render_report, summarize
 from benchmarks.train_worker import run_worker
@@ -71,7 +71,6 @@ from benchmarks.train_workload import (
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-FIELDS = CSV_FIELDS
 
 
 # ------------------------------------------------------------------------------------------------- parent
@@ -213,17 +212,8 @@ def run_suite(ns) -> int:
              "p": {m: pcts(v) for m, (_, v) in summary.items()}}
         )  # fmt: skip
         for metric, (unit, values) in summary.items():
-            p20, p50, p80 = pcts(values)
-            rows.append(
-                {"provider": c.provider, "mode": c.mode, "metric": metric, "unit": unit, "shape": shape,
-                 "p20": f"{p20:.6g}", "p50": f"{p50:.6g}", "p80": f"{p80:.6g}"}
-                | {k: env[k] for k in ("device", "versions", "git_sha", "date")}
-            )  # fmt: skip
-    rows.append(
-        {"provider": "hardware", "mode": "peak", "metric": "peak_flops", "unit": "FLOP/s", "shape": peak_note,
-         "p20": f"{peak:.6g}", "p50": f"{peak:.6g}", "p80": f"{peak:.6g}"}
-        | {k: env[k] for k in ("device", "versions", "git_sha", "date")}
-    )  # fmt: skip
+            rows.append(row(env, c.provider, c.mode, metric, unit, shape, values, fmt=".6g"))
+    rows.append(row(env, "hardware", "peak", "peak_flops", "FLOP/s", peak_note, [peak], fmt=".6g"))
     load_after = os.getloadavg()
 
     csv_path = results_dir / "train.csv"

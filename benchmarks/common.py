@@ -38,9 +38,9 @@ CSV_FIELDS = [
 ]
 
 
-def git_sha(short: bool = True) -> str:
+def git_sha() -> str:
     try:
-        args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+        args = ["git", "rev-parse", "--short", "HEAD"]
         out = subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
         sha = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
@@ -113,28 +113,6 @@ def synchronize(device: torch.device | str) -> None:
 def percentiles(values: list[float], qs: tuple[float, ...] = (0.2, 0.5, 0.8)) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     return [torch.quantile(t, q).item() for q in qs]
-
-
-def time_ms(
-    fn: Callable[[], object],
-    device: torch.device | str,
-    *,
-    warmup: int = 1,
-    reps: int = 5,
-    setup: Callable[[], object] | None = None,
-) -> list[float]:
-    """Wall-clock ms of each of `reps` calls (after `warmup`), synchronising the device around each."""
-    times = []
-    for i in range(warmup + reps):
-        if setup is not None:
-            setup()
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _proc_status_kib(key: str) -> int:
@@ -250,9 +228,20 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def row(
-    env: dict[str, str], provider: str, mode: str, metric: str, unit: str, shape: str, values: list[float]
+    env: dict[str, str],
+    provider: str,
+    mode: str,
+    metric: str,
+    unit: str,
+    shape: str,
+    values: list[float],
+    fmt: str | None = None,
 ) -> dict:
-    p20, p50, p80 = percentiles(values)
+    """One long-format row; `fmt` (e.g. ".6g") writes the percentiles as formatted strings."""
+    ps = percentiles(values)
+    if fmt is not None:
+        ps = [format(p, fmt) for p in ps]
+    p20, p50, p80 = ps
     return dict(
         env, provider=provider, mode=mode, metric=metric, unit=unit, shape=shape, p20=p20, p50=p50, p80=p80
     )
