@@ -52,14 +52,6 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     return path, n
 
 
-def _file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _backend_versions() -> str:
     """Tokenizer library versions: an upgrade may split text differently with the same vocabulary files."""
     from importlib.metadata import PackageNotFoundError, version
@@ -93,11 +85,15 @@ class _Problems:
         logger.warning("skipping row: %s", text)
 
 
-def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int]:
+def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int, str]:
+    """-> (line numbers, messages, metadata) of the valid rows, the number of non-blank rows, and the
+    sha256 of the file's bytes (the length cache's key: one read of the file, not two)."""
     lines, convs, metas = [], [], []
     n_rows = 0
+    digest = hashlib.sha256()
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad row, not a crash of the file
         for lineno, raw in enumerate(f, 1):
+            digest.update(raw)
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 byte-order mark
             if not raw.strip():
@@ -119,7 +115,7 @@ def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dic
             lines.append(lineno)
             convs.append(msgs)
             metas.append(meta)
-    return lines, convs, metas, n_rows
+    return lines, convs, metas, n_rows, digest.hexdigest()
 
 
 def _measure(tokenizer: Tokenizer, convs: list[list[dict]], keep_tokens: bool):
@@ -151,11 +147,11 @@ def _load_source(
     if not os.path.isfile(path):
         raise ValueError(f"dataset file not found: {path}")
     invalid_before = problems.count
-    lines, convs, metas, n_rows = _read_rows(path, problems)
+    lines, convs, metas, n_rows, file_hash = _read_rows(path, problems)
     cache_file = None
     if lazy and cache_dir:
         key = hashlib.sha256(
-            f"v{CACHE_VERSION}|{_file_hash(path)}|{tokenizer.fingerprint}|{tokenizer.template}|"
+            f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{tokenizer.template}|"
             f"{_backend_versions()}".encode()
         ).hexdigest()[:32]
         cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
