@@ -184,7 +184,12 @@ def encode_conversations(
     tokenizer: Tokenizer, conversations: Sequence[Sequence[dict]]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Conversations -> [(input_ids int32[T], trainable bool[T])]; text pieces are encoded in one batch."""
-    rendered = [render(tokenizer.template, msgs) for msgs in conversations]
+    return _encode_rendered(tokenizer, [render(tokenizer.template, msgs) for msgs in conversations])
+
+
+def _encode_rendered(
+    tokenizer: Tokenizer, rendered: list[list[tuple]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
     texts = [text for pieces in rendered for text, _, _ in pieces if text is not None]
     encoded = iter(tokenizer.encode_batch(texts))
     out = []
@@ -213,8 +218,5 @@ def encode_generation_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list
     for i, m in enumerate(msgs):
         if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}]: need a role in {ROLES} and string content, got {m!r}")
-    pieces = render(tokenizer.template, msgs, add_generation_prompt=True)
-    ids: list[int] = []
-    for text, special, _ in pieces:
-        ids += tokenizer.encode(text) if text is not None else [tokenizer.token_id(special)]
-    return ids
+    ((ids, _),) = _encode_rendered(tokenizer, [render(tokenizer.template, msgs, add_generation_prompt=True)])
+    return ids.tolist()
