@@ -84,15 +84,10 @@ def _detect_template(vocab: dict[str, int] | Sequence[str]) -> str:
 
 
 def _eos_for_template(template: str, token_id, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    names = (
-        ("<|im_end|>", "<|endoftext|>")
-        if template == "chatml"
-        else GLM4_SPECIAL_TOKENS[:1]
-        + (
-            "<|user|>",
-            "<|observation|>",
-        )
-    )
+    if template == "chatml":
+        names = ("<|im_end|>", "<|endoftext|>")
+    else:  # GLM-4 ends a reply with the next role token
+        names = ("<|endoftext|>", "<|user|>", "<|observation|>")
     ids: list[int] = []
     for name in names:
         try:
