@@ -73,6 +73,32 @@ def _pred_row(item: dict, text: str, finish_reason: str | None, completion_token
     }
 
 
+async def _append_concurrently(
+    todo: list[dict], path: str, stats: StageStats, concurrency: int, desc: str, produce
+) -> None:
+    """Await ``produce(item)`` for every item, ``concurrency`` at a time, appending each row it returns to
+    ``path`` as soon as it is ready; an LLMError leaves the item unwritten (retried on the next run)."""
+    sem = asyncio.Semaphore(max(1, concurrency))
+    bar = tqdm(total=len(todo), desc=desc, disable=not todo)
+
+    with open_append(path) as f:
+
+        async def one(item: dict) -> None:
+            async with sem:
+                try:
+                    row = await produce(item)
+                except LLMError as e:
+                    log.error("%s idx %s failed (%s): %s", desc, item["idx"], e.kind, e)
+                    stats.failed.append({"idx": item["idx"], "kind": e.kind, "error": str(e)})
+                else:
+                    append_jsonl(f, row)
+                    stats.done_now += 1
+                bar.update(1)
+
+        await asyncio.gather(*(one(it) for it in todo))
+    bar.close()
+
+
 async def run_infer_openai(
     items: list[dict],
     pred_path: str,
@@ -90,47 +116,24 @@ async def run_infer_openai(
     _check_same_input(existing, items, pred_path)
     todo = [it for it in items if it["idx"] not in existing]
     stats = StageStats(done_before=len(items) - len(todo))
-    sem = asyncio.Semaphore(max(1, concurrency))
-    bar = tqdm(total=len(todo), desc="infer", disable=not todo)
+    extra = extra_body or {}
 
-    with open_append(pred_path) as f:
+    async def infer(item: dict) -> dict:
+        messages = [{"role": "user", "content": item["prompt"]}]
+        budget = max_new_tokens
+        try:
+            c = await client.chat(messages, temperature=temperature, max_tokens=budget, top_p=top_p, **extra)
+        except LLMError as e:
+            fitted = fit_max_tokens(str(e), budget) if e.kind == "bad_request" else None
+            if fitted is None:
+                raise
+            # One second try, with a max_tokens that fits the server's context.
+            log.warning("idx %s: max_tokens %d -> %d to fit the context", item["idx"], budget, fitted)
+            budget = fitted
+            c = await client.chat(messages, temperature=temperature, max_tokens=budget, top_p=top_p, **extra)
+        return {**_pred_row(item, c.text, c.finish_reason, c.completion_tokens), "max_tokens": budget}
 
-        async def one(item: dict) -> None:
-            async with sem:
-                messages = [{"role": "user", "content": item["prompt"]}]
-                budget = max_new_tokens
-                for attempt in range(2):  # a second try only with a max_tokens that fits the server's context
-                    try:
-                        c = await client.chat(
-                            messages,
-                            temperature=temperature,
-                            max_tokens=budget,
-                            top_p=top_p,
-                            **(extra_body or {}),
-                        )
-                    except LLMError as e:
-                        fitted = (
-                            fit_max_tokens(str(e), budget)
-                            if e.kind == "bad_request" and attempt == 0
-                            else None
-                        )
-                        if fitted is not None:
-                            log.warning(
-                                "idx %s: max_tokens %d -> %d to fit the context", item["idx"], budget, fitted
-                            )
-                            budget = fitted
-                            continue
-                        log.error("infer idx %s failed (%s): %s", item["idx"], e.kind, e)
-                        stats.failed.append({"idx": item["idx"], "kind": e.kind, "error": str(e)})
-                    else:
-                        row = _pred_row(item, c.text, c.finish_reason, c.completion_tokens)
-                        append_jsonl(f, {**row, "max_tokens": budget})
-                        stats.done_now += 1
-                    break
-                bar.update(1)
-
-        await asyncio.gather(*(one(it) for it in todo))
-    bar.close()
+    await _append_concurrently(todo, pred_path, stats, concurrency, "infer", infer)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -204,47 +207,31 @@ async def run_judge(
         p for p in preds if existing.get(p["idx"], {}).get("response_sha") != text_hash(p["response"])
     ]  # a regenerated response invalidates its old judgement
     stats = StageStats(done_before=len(preds) - len(todo))
-    sem = asyncio.Semaphore(max(1, concurrency))
-    bar = tqdm(total=len(todo), desc="judge", disable=not todo)
 
-    with open_append(judge_path) as f:
+    async def judge(pred: dict) -> dict:
+        res = await judge_response(
+            client,
+            template,
+            pred["prompt"],
+            pred["response"],
+            temperature=temperature,
+            max_tokens=max_tokens,
+            max_attempts=max_attempts,
+            **(extra_body or {}),
+        )
+        if res.scores is None:
+            log.warning("judge reply for idx %s never parsed (%d attempts)", pred["idx"], res.attempts)
+        return {
+            "idx": pred["idx"],
+            "prompt": pred["prompt"],
+            "length": pred["length"],
+            "response_sha": text_hash(pred["response"]),
+            "scores": res.scores,
+            "attempts": res.attempts,
+            # the parsed reply, or every failed one (to debug the parser or the prompt)
+            "judge_outputs": res.outputs[-1:] if res.scores is not None else res.outputs,
+        }
 
-        async def one(pred: dict) -> None:
-            async with sem:
-                try:
-                    res = await judge_response(
-                        client,
-                        template,
-                        pred["prompt"],
-                        pred["response"],
-                        temperature=temperature,
-                        max_tokens=max_tokens,
-                        max_attempts=max_attempts,
-                        **(extra_body or {}),
-                    )
-                except LLMError as e:
-                    log.error("judge idx %s failed (%s): %s", pred["idx"], e.kind, e)
-                    stats.failed.append({"idx": pred["idx"], "kind": e.kind, "error": str(e)})
-                else:
-                    if res.scores is None:
-                        log.warning(
-                            "judge reply for idx %s never parsed (%d attempts)", pred["idx"], res.attempts
-                        )
-                    row = {
-                        "idx": pred["idx"],
-                        "prompt": pred["prompt"],
-                        "length": pred["length"],
-                        "response_sha": text_hash(pred["response"]),
-                        "scores": res.scores,
-                        "attempts": res.attempts,
-                        # the parsed reply, or every failed one (to debug the parser or the prompt)
-                        "judge_outputs": res.outputs[-1:] if res.scores is not None else res.outputs,
-                    }
-                    append_jsonl(f, row)
-                    stats.done_now += 1
-                bar.update(1)
-
-        await asyncio.gather(*(one(p) for p in todo))
-    bar.close()
+    await _append_concurrently(todo, judge_path, stats, concurrency, "judge", judge)
     stats.seconds = time.perf_counter() - t0
     return stats
