@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -197,8 +198,9 @@ def resolve_config(argv: list[str] | None) -> dict:
     return cfg
 
 
-def _client(cfg: dict, model: str, base_url: str | None, api_key: str | None) -> LLMClient:
-    return LLMClient(
+async def _with_client(cfg: dict, model: str, base_url: str | None, api_key: str | None, stage) -> StageStats:
+    """Run ``stage(client)`` with a fresh LLMClient and record the client's token/request totals on its stats."""
+    client = LLMClient(
         model,
         base_url=base_url,
         api_key=api_key,
@@ -206,43 +208,44 @@ def _client(cfg: dict, model: str, base_url: str | None, api_key: str | None) ->
         max_retries=cfg["max_retries"],
         backoff_base=cfg["retry_backoff"],
     )
+    async with client:
+        stats = await stage(client)
+        stats.usage = dict(client.usage)
+        return stats
 
 
-async def _infer_openai(cfg: dict, items: list[dict], pred_path: str) -> StageStats:
+def _infer_openai(cfg: dict, items: list[dict], pred_path: str) -> StageStats:
     extra = {}
     if cfg["repetition_penalty"] != 1.0:  # 1.0 is every server's no-op; OpenAI itself rejects the field
         extra["repetition_penalty"] = cfg["repetition_penalty"]
-    async with _client(cfg, cfg["model"], cfg["base_url"], cfg["api_key"]) as client:
-        stats = await run_infer_openai(
-            items,
-            pred_path,
-            client,
-            concurrency=cfg["concurrency"],
-            max_new_tokens=cfg["max_new_tokens"],
-            temperature=cfg["temperature"],
-            top_p=cfg["top_p"],
-            extra_body=extra,
-        )
-        stats.usage = dict(client.usage)
-        return stats
+    stage = functools.partial(
+        run_infer_openai,
+        items,
+        pred_path,
+        concurrency=cfg["concurrency"],
+        max_new_tokens=cfg["max_new_tokens"],
+        temperature=cfg["temperature"],
+        top_p=cfg["top_p"],
+        extra_body=extra,
+    )
+    return asyncio.run(_with_client(cfg, cfg["model"], cfg["base_url"], cfg["api_key"], stage))
 
 
-async def _judge(cfg: dict, preds: list[dict], judge_path: str) -> StageStats:
-    extra = {"stop": cfg["judge_stop"]} if cfg["judge_stop"] else {}
-    async with _client(cfg, cfg["judge_model"], cfg["judge_base_url"], cfg["judge_api_key"]) as client:
-        stats = await run_judge(
-            preds,
-            judge_path,
-            client,
-            load_judge_template(cfg["judge_prompt"]),
-            concurrency=cfg["judge_concurrency"],
-            temperature=cfg["judge_temperature"],
-            max_tokens=cfg["judge_max_tokens"],
-            max_attempts=cfg["judge_attempts"],
-            extra_body=extra,
-        )
-        stats.usage = dict(client.usage)
-        return stats
+def _judge(cfg: dict, preds: list[dict], judge_path: str) -> StageStats:
+    stage = functools.partial(
+        run_judge,
+        preds,
+        judge_path,
+        template=load_judge_template(cfg["judge_prompt"]),
+        concurrency=cfg["judge_concurrency"],
+        temperature=cfg["judge_temperature"],
+        max_tokens=cfg["judge_max_tokens"],
+        max_attempts=cfg["judge_attempts"],
+        extra_body={"stop": cfg["judge_stop"]} if cfg["judge_stop"] else {},
+    )
+    return asyncio.run(
+        _with_client(cfg, cfg["judge_model"], cfg["judge_base_url"], cfg["judge_api_key"], stage)
+    )
 
 
 def run(cfg: dict) -> dict:
@@ -271,7 +274,7 @@ def run(cfg: dict) -> dict:
                 seed=cfg["seed"],
             )
         else:
-            stats["infer"] = asyncio.run(_infer_openai(cfg, items, pred_path))
+            stats["infer"] = _infer_openai(cfg, items, pred_path)
 
     wanted = {it["idx"]: it for it in items}
     # Keep only rows of this input (and --limit); take prompt metadata (lang) from the input, not the file.
@@ -285,7 +288,7 @@ def run(cfg: dict) -> dict:
 
     judged = None
     if "eval_q" in cfg["stage"]:
-        stats["eval_q"] = asyncio.run(_judge(cfg, preds, judge_path))
+        stats["eval_q"] = _judge(cfg, preds, judge_path)
         rows = latest_by_idx(read_jsonl(judge_path))
         judged = {
             p["idx"]: rows[p["idx"]]
