@@ -14,7 +14,8 @@ IMPLS = ("auto", "triton", "torch")
 
 
 def _default_chunk_bytes(device: torch.device) -> int:
-    # GPU: big chunks keep the three GEMMs efficient; 256 MiB bf16 is ~880 rows at V = 152,064.
+    # GPU: big chunks keep the three GEMMs efficient; 256 MiB bf16 is 832 rows at V = 152,064 (882 rounded
+    # down to a multiple of 64 by chunk_rows).
     # CPU: small chunks stay in cache and keep peak memory low (tuned with benchmarks/bench_long_ce.py).
     return 256 * 2**20 if device.type == "cuda" else 64 * 2**20
 

@@ -169,12 +169,8 @@ def _dw_kernel(
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
 def _check_device(t: torch.Tensor) -> None:
-    if not (t.is_cuda or _interpreting()):
+    if not (t.is_cuda or _INTERPRET):
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU); use impl='torch'")
 
 
@@ -195,8 +191,7 @@ def rows_triton(
     labels = labels.contiguous()
     bias_arg = bias.contiguous() if bias is not None else loss_out
     scale_arg = row_scale.contiguous() if row_scale is not None else loss_out
-    interp = _interpreting()
-    block_v = 64 if interp else min(4096, triton.next_power_of_2(V))
+    block_v = 64 if _INTERPRET else min(4096, triton.next_power_of_2(V))
     _rows_kernel[(C,)](
         logits,
         logits.stride(0),
@@ -214,7 +209,7 @@ def rows_triton(
         HAS_SCALE=row_scale is not None,
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
-        num_warps=1 if interp else 8,
+        num_warps=1 if _INTERPRET else 8,
     )
 
 
@@ -224,7 +219,7 @@ def accumulate_dw_triton(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tens
     H = x.shape[1]
     if C == 0:
         return
-    if _interpreting():
+    if _INTERPRET:
         bv, bh, bc, warps, stages = 32, 32, 16, 1, 1
     else:  # H100-friendly defaults; 128x128x64 bf16 tiles, 3-stage pipeline
         bv, bh, bc, warps, stages = 128, 128, 64, 8, 3
