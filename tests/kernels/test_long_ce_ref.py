@@ -205,7 +205,6 @@ def test_import_does_not_need_triton():
     code = "import sys, kernels; assert 'triton' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-    assert kernels.linear_cross_entropy is linear_cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
