@@ -6,7 +6,7 @@ from engine.models.attention import ATTN_IMPLS
 from engine.models.generate import generate
 from engine.models.hf_config import read_config
 from engine.models.hf_io import iter_checkpoint, load_pretrained, load_weights_, save_pretrained
-from engine.models.model import CausalLM, build_model, default_loss_fn, init_module_weights
+from engine.models.model import CausalLM, build_model, default_loss_fn
 
 __all__ = [
     "ATTN_IMPLS",
@@ -16,7 +16,6 @@ __all__ = [
     "build_model",
     "default_loss_fn",
     "generate",
-    "init_module_weights",
     "iter_checkpoint",
     "load_pretrained",
     "load_weights_",

@@ -94,21 +94,17 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter: N(0, initializer_range) for matrices, 0 for biases, 1 for norms.
-        Used after to_empty() on a meta-built model; init_module_weights does the same for one block."""
-        init_module_weights(self, self.args.initializer_range)
-
-
-@torch.no_grad()
-def init_module_weights(module: nn.Module, std: float) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        elif isinstance(m, RMSNorm):
-            m.reset_parameters()
+        Used after to_empty() on a meta-built model."""
+        std = self.args.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
 
 
 def build_model(
