@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_gen.filters import required_length
-from data_gen.jsonl import iter_objects, write_objects
+from data_gen.jsonl import iter_objects, open_append, read_appended, write_objects
 from data_gen.length import count_words
 from data_gen.llm import LLMClient, LLMError
 from data_gen.plan import (
@@ -179,28 +179,17 @@ class Progress:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.states: dict[str, ItemState] = {}
-        if self.path.exists():
-            self._load()
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
+        # read_appended skips a torn last line (a run killed mid-write); that answer is asked again.
+        for rec in read_appended(self.path):
             try:
-                rec = json.loads(line)
                 state = self.states.setdefault(rec["key"], ItemState())
                 if rec["kind"] == "plan":
                     state.steps = [PlanStep(m, w) for m, w in rec["steps"]]
                 elif rec["kind"] == "paragraph":
                     state.paragraphs[int(rec["i"])] = rec["text"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                # A run killed mid-write leaves at most one torn last line; that answer is asked again.
-                log.warning("%s:%d: skipping unreadable progress line", self.path, lineno)
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "ab") as f:
-                f.write(b"\n")  # the next record must start on a line of its own
+            except (KeyError, TypeError, ValueError):
+                log.warning("%s: skipping unreadable progress record %.200r", self.path, rec)
+        self._f = open_append(self.path)
 
     def state(self, key: str) -> ItemState:
         return self.states.setdefault(key, ItemState())

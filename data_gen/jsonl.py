@@ -1,12 +1,17 @@
-"""JSONL files of data_gen: strict input (every non-blank line a JSON object; errors name the file and line)
-and whole-file output written atomically."""
+"""JSONL files: strict input (every non-blank line a JSON object; errors name the file and line), whole-file
+output written atomically, and append-only logs that survive a run killed mid-write (data_gen.agentwrite's
+progress, evaluation's pred/judge files)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
 
 
 def iter_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -35,3 +40,32 @@ def write_objects(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_appended(path: str | os.PathLike) -> list[dict]:
+    """Rows of an append-only JSONL log ([] if there is none yet). A run killed mid-write leaves a torn last
+    line, possibly cut inside a multi-byte character: it is skipped with a warning, and asked for again."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not valid JSON (interrupted write?); ignored", path, lineno)
+    return rows
+
+
+def open_append(path: str | os.PathLike) -> IO[str]:
+    """Open a JSONL log for appending, first ending a torn last line so the next row starts on its own line."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+    return open(path, "a", encoding="utf-8")

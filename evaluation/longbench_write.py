@@ -22,9 +22,10 @@ import os
 import sys
 from dataclasses import asdict
 
+from data_gen.jsonl import read_appended
 from data_gen.llm import LLMClient
 from evaluation.quality import DEFAULT_JUDGE_MODEL, MISSING_POLICIES, load_judge_template
-from evaluation.records import assign_languages, latest_by_idx, load_prompts, read_jsonl, text_hash
+from evaluation.records import assign_languages, latest_by_idx, load_prompts, text_hash
 from evaluation.report import markdown_report, plot_length, summarize
 from evaluation.stages import StageStats, run_infer_engine, run_infer_openai, run_judge
 
@@ -280,7 +281,7 @@ def run(cfg: dict) -> dict:
     # Keep only rows of this input (and --limit); take prompt metadata (lang) from the input, not the file.
     preds = [
         {**row, "lang": wanted[idx]["lang"]}
-        for idx, row in sorted(latest_by_idx(read_jsonl(pred_path), items).items())
+        for idx, row in sorted(latest_by_idx(read_appended(pred_path), items).items())
         if idx in wanted and row.get("prompt") == wanted[idx]["prompt"]
     ]
     if not preds:
@@ -289,7 +290,7 @@ def run(cfg: dict) -> dict:
     judged = None
     if "eval_q" in cfg["stage"]:
         stats["eval_q"] = _judge(cfg, preds, judge_path)
-        rows = latest_by_idx(read_jsonl(judge_path))
+        rows = latest_by_idx(read_appended(judge_path))
         judged = {
             p["idx"]: rows[p["idx"]]
             for p in preds

@@ -4,44 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterable
 from typing import IO
 
 from data_gen.jsonl import iter_objects
 from data_gen.length import count_words
-
-log = logging.getLogger(__name__)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Rows of an output JSONL file (pred/judge); a torn last line (a run killed mid-write) is skipped with a
-    warning. Inputs are read strictly (data_gen.jsonl.iter_objects)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d is not valid JSON (interrupted write?); ignored", path, n)
-    return rows
-
-
-def open_append(path: str) -> IO[str]:
-    """Open a JSONL file for appending, first ending a torn last line so the next row starts on its own line."""
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-        if torn:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("\n")
-    return open(path, "a", encoding="utf-8")
 
 
 def append_jsonl(f: IO[str], row: dict) -> None:
@@ -54,7 +22,7 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
     """Benchmark rows ({"prompt", "length", ...}) with "idx" = position in the file, the key of every output."""
     if not os.path.isfile(path):
         raise ValueError(f"input file not found: {path}")
-    # Strict, unlike read_jsonl: a skipped bad line would shift the idx of every row after it.
+    # Strict, unlike read_appended: a skipped bad line would shift the idx of every row after it.
     rows = []
     for lineno, row in iter_objects(path):
         if "prompt" not in row or "length" not in row:

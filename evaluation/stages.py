@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from data_gen.jsonl import open_append, read_appended
 from data_gen.length import count_words
 from data_gen.llm import LLMError
 from evaluation.quality import judge_response
-from evaluation.records import append_jsonl, latest_by_idx, open_append, read_jsonl, text_hash
+from evaluation.records import append_jsonl, latest_by_idx, text_hash
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ async def run_infer_openai(
 ) -> StageStats:
     """Generate a response for every item not yet in ``pred_path`` through ``client`` (data_gen.llm.LLMClient)."""
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_jsonl(pred_path), items)
+    existing = latest_by_idx(read_appended(pred_path), items)
     _check_same_input(existing, items, pred_path)
     todo = [it for it in items if it["idx"] not in existing]
     stats = StageStats(done_before=len(items) - len(todo))
@@ -157,7 +158,7 @@ def run_infer_engine(
     from engine.models import generate, load_pretrained
 
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_jsonl(pred_path), items)
+    existing = latest_by_idx(read_appended(pred_path), items)
     _check_same_input(existing, items, pred_path)
     todo = [it for it in items if it["idx"] not in existing]
     stats = StageStats(done_before=len(items) - len(todo))
@@ -202,7 +203,7 @@ async def run_judge(
     missing); a transport failure that survives the client's retries writes nothing, so the next run retries.
     """
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_jsonl(judge_path))
+    existing = latest_by_idx(read_appended(judge_path))
     todo = [
         p for p in preds if existing.get(p["idx"], {}).get("response_sha") != text_hash(p["response"])
     ]  # a regenerated response invalidates its old judgement

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from data_gen.jsonl import read_appended
 from evaluation.longbench_write import main
-from evaluation.records import read_jsonl
 
 LBW = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "longwriter" / "longbench_write.jsonl"
 
@@ -42,16 +42,16 @@ def test_engine_checkpoint_infer_is_resumable_and_seeded(debug_checkpoint, tmp_p
         return main(args)
 
     assert run(tmp_path / "a", 1) == 0
-    rows = read_jsonl(str(tmp_path / "a" / "pred.jsonl"))
+    rows = read_appended(str(tmp_path / "a" / "pred.jsonl"))
     assert [r["idx"] for r in rows] == [0]
     assert rows[0]["completion_tokens"] <= 8 and isinstance(rows[0]["response"], str)
 
     assert run(tmp_path / "a", 2) == 0  # resume: only idx 1 is generated
-    rows = read_jsonl(str(tmp_path / "a" / "pred.jsonl"))
+    rows = read_appended(str(tmp_path / "a" / "pred.jsonl"))
     assert [r["idx"] for r in rows] == [0, 1]
 
     assert run(tmp_path / "b", 2) == 0  # per-item seeds: same samples however the run was split
-    assert [r["response"] for r in read_jsonl(str(tmp_path / "b" / "pred.jsonl"))] == [
+    assert [r["response"] for r in read_appended(str(tmp_path / "b" / "pred.jsonl"))] == [
         r["response"] for r in rows
     ]
     res = json.loads((tmp_path / "b" / "results.json").read_text())

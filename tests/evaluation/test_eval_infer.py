@@ -61,7 +61,7 @@ class _ContextLimitedClient:
 def test_infer_retries_once_with_a_max_tokens_that_fits(tmp_path, always_reject):
     import asyncio
 
-    from evaluation.records import read_jsonl
+    from data_gen.jsonl import read_appended
     from evaluation.stages import run_infer_openai
 
     client = _ContextLimitedClient(prompt_tokens=100, always_reject=always_reject)
@@ -73,8 +73,8 @@ def test_infer_retries_once_with_a_max_tokens_that_fits(tmp_path, always_reject)
     assert client.asked == [32768, 32668]  # one second try, never a third
     if always_reject:
         assert stats.done_now == 0 and [f["kind"] for f in stats.failed] == ["bad_request"]
-        assert read_jsonl(pred) == []
+        assert read_appended(pred) == []
     else:
         assert stats.done_now == 1 and not stats.failed
-        (row,) = read_jsonl(pred)
+        (row,) = read_appended(pred)
         assert row["max_tokens"] == 32668 and row["response"] == "two words" and row["response_length"] == 2

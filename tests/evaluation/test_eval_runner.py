@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from openai_server import OpenAIServer
 
+from data_gen.jsonl import read_appended
 from evaluation.length import count_words, length_score
 from evaluation.longbench_write import main
 from evaluation.quality import DIMENSIONS
-from evaluation.records import read_jsonl
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "longwriter"
 LBW = DATA / "longbench_write.jsonl"
@@ -98,7 +98,7 @@ class FakeBackend:
 
 
 def _read(path: Path) -> list[dict]:
-    return read_jsonl(str(path))  # skips the torn line the resume test writes
+    return read_appended(str(path))  # skips the torn line the resume test writes
 
 
 def _args(srv, out, *extra):
