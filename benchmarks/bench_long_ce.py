@@ -20,7 +20,6 @@ Rows go to <out-dir>/long_ce.csv (long format), plus a png plot and a dated mark
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import os
 import shlex
@@ -177,7 +176,7 @@ def run(args) -> Path:
                 )
     csv_path = out_dir / "long_ce.csv"
     common.append_rows(csv_path, rows)
-    tag = f"{common.device_slug(device)}_{dt.date.today().isoformat()}"
+    tag = f"{common.device_slug(device)}_{env['date'][:10]}"  # the UTC date every row carries
     plot_path = out_dir / f"long_ce_{tag}.png"
     _plot(rows, plot_path)
     report = out_dir / f"long_ce_{tag}.md"
