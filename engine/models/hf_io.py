@@ -241,10 +241,6 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
-def default_format(args: ModelArgs) -> str:
-    return args.arch  # qwen2 -> qwen2, glm -> glm (HF-native), glm4 -> glm4
-
-
 def save_pretrained(
     model: CausalLM,
     out_dir: str | os.PathLike,
@@ -263,7 +259,7 @@ def save_pretrained(
     from safetensors.torch import save_file
 
     args = model.args
-    fmt = format or default_format(args)
+    fmt = format or args.arch  # the HF-native format has the architecture's name (glm, not chatglm)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {FORMATS}")
     state = state_dict if state_dict is not None else model.state_dict()
