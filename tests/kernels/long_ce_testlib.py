@@ -33,8 +33,9 @@ def make_inputs(
         drop[0] = drop[-1] = False
     if peaked:
         # Confident rows: the label's logit leads the runner-up by a margin of 6..14, so 1 - p_y spans
-        # ~1e-2 .. 1e-6 (not below: there even fp32 rounds p_y to 1).  Below ~2e-3 (bf16) / ~2.5e-4 (fp16) p_y rounds to 1: a gradient formed as
-        # round(p_y) - 1 loses the true-class term (the trap).  hidden moves along w_y until the margin holds.
+        # ~1e-2 .. 1e-6 (not below: there even fp32 rounds p_y to 1).  Below ~2e-3 (bf16) / ~2.5e-4 (fp16)
+        # p_y rounds to 1: a gradient formed as round(p_y) - 1 loses the true-class term (the trap).
+        # hidden moves along w_y until the margin holds.
         margin = 6.0 + 8.0 * torch.rand(n, generator=g, dtype=torch.float64)
         w_y = weight[labels]  # [n, h]
         hidden = hidden * 0.5  # small logits elsewhere: their own low-precision rounding stays small
