@@ -4,9 +4,10 @@
     python -m benchmarks.bench_data --quick    # small sizes (CI smoke)
     python -m benchmarks.bench_data --quick --repeats 1 --results-dir /tmp/x   # sanity run elsewhere
 
-Length distribution ("LongWriter-like"): long samples lognormal around 3,500 tokens (mean ~4,100,
-clipped to 500..17,000) mixed with 300..1,500-token chat samples. Rows are appended in long format to
-benchmarks/results/data.csv; a markdown summary with the environment goes to benchmarks/results/data.md.
+Length distribution ("LongWriter-like"): long samples lognormal around 3,500 tokens (clipped to
+500..17,000; mean 4,061 in results/data.md) mixed with 300..1,500-token chat samples. Rows are appended
+in long format to benchmarks/results/data.csv; a markdown summary with the environment goes to
+benchmarks/results/data.md.
 """
 
 from __future__ import annotations
