@@ -97,7 +97,7 @@ def rows_torch(
     C, V = logits.shape
     z = logits.float()  # [C, V] fp32; aliases `logits` when the chunk is already fp32
     if bias is not None:
-        z = z.add_(bias.float()) if z.data_ptr() == logits.data_ptr() else z + bias.float()
+        z.add_(bias.float())  # in place either way: z is the chunk buffer (fp32) or its fp32 copy
     t = None
     if opts.softcap is not None:
         t = torch.tanh(z / opts.softcap)  # [C, V], kept for the derivative 1 - t^2
@@ -145,7 +145,4 @@ def rows_torch(
 
 def accumulate_dw_torch(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
     """dw_acc[V, H] (fp32) += grad[C, V]^T @ x[C, H], accumulated in fp32."""
-    if grad.dtype == torch.float32 and x.dtype == torch.float32:
-        dw_acc.addmm_(grad.T, x)
-    else:
-        dw_acc.addmm_(grad.T.float(), x.float())
+    dw_acc.addmm_(grad.T.float(), x.float())  # .float() of an fp32 tensor is the tensor itself: no copy
