@@ -134,7 +134,7 @@ def config_from_args(args: ModelArgs, fmt: str, dtype: torch.dtype, base: dict |
     dname = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     if fmt == "chatglm":
         cfg.update(
-            architectures=["ChatGLMModel"],
+            architectures=[ARCHITECTURES[fmt]],
             model_type="chatglm",
             auto_map=cfg.get("auto_map", CHATGLM_AUTO_MAP),
             num_layers=args.num_layers,
