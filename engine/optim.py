@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
     # RMSNorm / LayerNorm of any implementation: HF Trainer excludes ALL_LAYERNORM_LAYERS by type, we match
     # by class name so model code needs no registration.
     return isinstance(module, nn.LayerNorm | nn.RMSNorm) or "norm" in type(module).__name__.lower()
@@ -22,7 +22,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if id(p) in seen or not p.requires_grad:
                 continue  # tied weights: counted once, where first met
             seen.add(id(p))
-            (no_decay if _is_norm(module) or p_name == "bias" or p_name.endswith("bias") else decay).append(p)
+            (no_decay if is_norm(module) or p_name == "bias" or p_name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_AC_PREFIX = "_checkpoint_wrapped_module."
+from engine.models import clean_param_name
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,6 @@ def apply_fsdp(
             m.set_force_sum_reduction_for_comms(True)
 
 
-def clean_fqn(name: str) -> str:
-    """Parameter name without wrapper prefixes, as in the model's own state_dict."""
-    return name.replace(_AC_PREFIX, "")
-
-
 @torch.no_grad()
 def load_full_tensors_(
     model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict=True
@@ -124,7 +119,9 @@ def load_full_tensors_(
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    targets = {clean_fqn(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    targets = {
+        clean_param_name(n): t for n, t in list(model.named_parameters()) + list(model.named_buffers())
+    }
     seen = set()
     for name, full in named_tensors:
         if name not in targets:
@@ -142,7 +139,7 @@ def load_full_tensors_(
         else:
             dst.copy_(full)
         seen.add(name)
-    missing = {clean_fqn(n) for n, _ in model.named_parameters()} - seen
+    missing = {clean_param_name(n) for n, _ in model.named_parameters()} - seen
     if strict and missing:
         raise KeyError(f"parameters missing from the checkpoint: {sorted(missing)[:8]}")
 
@@ -150,16 +147,16 @@ def load_full_tensors_(
 def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02):
     """HF-style init (normal(0, std) weights, zero biases, unit norm weights) per parameter, generated from a
     generator seeded by (seed, name): identical on every rank and every world size, whatever the order."""
-    from engine.optim import _is_norm
+    from engine.optim import is_norm
 
     norms = {
-        clean_fqn(f"{mn}.{pn}" if mn else pn)
+        clean_param_name(f"{mn}.{pn}" if mn else pn)
         for mn, m in model.named_modules()
-        if _is_norm(m)
+        if is_norm(m)
         for pn, _ in m.named_parameters(recurse=False)
     }
     for name, p in model.named_parameters():
-        name = clean_fqn(name)
+        name = clean_param_name(name)
         dev = p.device
         if name in norms:
             yield name, torch.ones(p.shape, dtype=torch.float32, device=dev)

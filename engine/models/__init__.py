@@ -5,7 +5,13 @@ from engine.models.args import FLAVOURS, ModelArgs, resolve_args
 from engine.models.attention import ATTN_IMPLS
 from engine.models.generate import generate
 from engine.models.hf_config import read_config
-from engine.models.hf_io import iter_checkpoint, load_pretrained, load_weights_, save_pretrained
+from engine.models.hf_io import (
+    clean_param_name,
+    iter_checkpoint,
+    load_pretrained,
+    load_weights_,
+    save_pretrained,
+)
 from engine.models.model import CausalLM, build_model, default_loss_fn
 
 __all__ = [
@@ -14,6 +20,7 @@ __all__ = [
     "CausalLM",
     "ModelArgs",
     "build_model",
+    "clean_param_name",
     "default_loss_fn",
     "generate",
     "iter_checkpoint",

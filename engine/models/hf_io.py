@@ -263,7 +263,7 @@ def save_pretrained(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {FORMATS}")
     state = state_dict if state_dict is not None else model.state_dict()
-    state = {_clean_name(k): v for k, v in state.items()}
+    state = {clean_param_name(k): v for k, v in state.items()}
     expected = set(build_model(args, device="meta").state_dict())
     if set(state) != expected:
         bad = sorted(set(state) ^ expected)[0]
@@ -323,8 +323,9 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _clean_name(name: str) -> str:
-    # Wrappers applied from outside (activation checkpointing, torch.compile) may show up in names.
+def clean_param_name(name: str) -> str:
+    """A parameter name without the prefixes of wrappers applied from outside (activation checkpointing,
+    torch.compile): the name in the model's own state_dict."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
