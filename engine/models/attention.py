@@ -86,16 +86,13 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> to
 
 def make_attn_meta(
     impl: str,
-    device: torch.device,
-    dtype: torch.dtype,
     B: int,
     T: int,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
 ) -> AttnMeta:
     """The impl is resolved in each block from q's own device and dtype (under FSDP mixed precision the
-    compute dtype is the block's, not necessarily that of the root's parameters); device / dtype are
-    accepted for callers that build metadata outside a model."""
+    compute dtype is the block's, not necessarily that of the root's parameters)."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
     if cu_seqlens is not None:

@@ -84,8 +84,7 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(T, device=dev).expand(B, T)
         elif cu_seqlens is None:
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-        dtype = self.model.embed_tokens.weight.dtype
-        meta = make_attn_meta(self.attn_impl, dev, dtype, B, T, cu_seqlens, max_seqlen)
+        meta = make_attn_meta(self.attn_impl, B, T, cu_seqlens, max_seqlen)
         hidden = self.model(input_ids, position_ids, meta)  # (B, T, H)
         if labels is None:
             return F.linear(hidden, self.output_weight)  # (B, T, V)

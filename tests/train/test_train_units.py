@@ -212,7 +212,7 @@ def test_activation_checkpointing_same_grads_and_recompute_flops():
             rope = rotary_cos_sin(
                 torch.arange(64).expand(2, 64), a.rotary_dim, a.rope_theta, a.rope_layout, x.dtype
             )
-            layer(x, rope, make_attn_meta(ref.attn_impl, x.device, x.dtype, 2, 64, None, None))
+            layer(x, rope, make_attn_meta(ref.attn_impl, 2, 64, None, None))
     # non-reentrant checkpoint stops recomputing once the last tensor backward needs is back (early stop), so
     # the final down_proj of each block is not redone: 3/4 of these blocks' matmul FLOPs < extra <= all of them
     extra, fwd = f_ac - f_ref, fc.get_total_flops()
