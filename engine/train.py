@@ -17,6 +17,7 @@ batch is split into micro-batches and ranks.
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import random
 import signal
@@ -343,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = train(cfg)
+    stopped = train(cfg)["stopped"]
     if dist.is_initialized():
+        gc.collect()  # free the sharded model (reference cycles) while its process group still exists
+        dist.barrier()  # no rank shuts its backend down while a peer's last collective is in flight
         dist.destroy_process_group()
-    return 143 if summary["stopped"] else 0
+    return 143 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ the reduce-scatter is a plain SUM on NCCL and gloo alike; gloo would otherwise s
 pytorch#162338), so the summed gradient is d(global sum / global count).
 """
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -99,6 +101,11 @@ def _worker(rank: int, world: int, store_file: str) -> None:
     try:
         for head_unit in (True, False):
             _check_variant(rank, world, head_unit)
+        # Teardown once both ranks are idle: FSDP's modules and DTensors (reference cycles) are freed while
+        # the group still exists, and no rank shuts gloo down while its peer's last collective is in flight
+        # (a CI run once aborted in teardown with "terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
