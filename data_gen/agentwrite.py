@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_gen.filters import required_length
 from data_gen.jsonl import iter_objects, open_append, read_appended, write_objects
-from data_gen.length import count_words
+from data_gen.length import count_words, script_language
 from data_gen.llm import LLMClient, LLMError
 from data_gen.plan import (
     MAX_PARAGRAPHS,
@@ -63,13 +63,6 @@ def fill(template: str, **values: str) -> str:
     return re.sub(
         r"\{(\w+)\}", lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), template
     )
-
-
-def detect_language(text: str) -> str:
-    """Prompt language of an instruction: zh when CJK ideographs outnumber ASCII words, else en."""
-    cjk = len(re.findall(r"[\u4e00-\u9fff]", text))
-    words = len(re.findall(r"[A-Za-z]+", text))
-    return "zh" if cjk > words else "en"
 
 
 def _length_hint(length: int | None, lang: str) -> str:
@@ -141,7 +134,7 @@ def read_items(path: str | os.PathLike) -> list[Item]:
         length = _given_length(row.get("length"), f"{path}:{lineno}")
         if length is None:
             length = required_length(prompt)
-        items.append(Item(len(items), id_, prompt, length, detect_language(prompt)))
+        items.append(Item(len(items), id_, prompt, length, script_language(prompt)))
     return items
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["count_words", "length_score"]
+__all__ = ["count_words", "length_score", "script_language"]
 
 # One unit per CJK unified ideograph of the basic block (U+4E00..U+9FFF). Extension A/B, compatibility
 # ideographs, kana, hangul and CJK punctuation count nothing, as in the official scorer.
@@ -26,6 +26,12 @@ _WORD_RE = re.compile(r"\b[a-zA-Z]+\b")
 def count_words(text: str) -> int:
     """Length of ``text`` as LongBench-Write measures it: CJK ideographs + ASCII-letter words."""
     return len(_CJK_RE.findall(text)) + len(_WORD_RE.findall(text))
+
+
+def script_language(text: str) -> str:
+    """'zh' when CJK ideographs outnumber ASCII-letter words (evalscope's is_chinese rule), else 'en'."""
+    cjk = len(_CJK_RE.findall(text))
+    return "zh" if cjk > len(_WORD_RE.findall(text)) else "en"
 
 
 def length_score(required: float, actual: float) -> float:

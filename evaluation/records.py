@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import IO
 
 from data_gen.jsonl import iter_objects
-from data_gen.length import count_words
+from data_gen.length import script_language
 
 
 def append_jsonl(f: IO[str], row: dict) -> None:
@@ -53,12 +53,6 @@ def latest_by_idx(rows: Iterable[dict], items: list[dict] | None = None) -> dict
         if idx is not None:
             out[idx] = {**row, "idx": idx}
     return out
-
-
-def script_language(text: str) -> str:
-    """'zh' when CJK ideographs outnumber ASCII words (evalscope's is_chinese rule), else 'en'."""
-    cjk = sum(1 for ch in text if "\u4e00" <= ch <= "\u9fff")
-    return "zh" if cjk > count_words(text) - cjk else "en"
 
 
 def assign_languages(items: list[dict], en_file: str | None) -> str:

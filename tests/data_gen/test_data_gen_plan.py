@@ -2,7 +2,8 @@
 
 import pytest
 
-from data_gen.agentwrite import detect_language, fill
+from data_gen.agentwrite import fill
+from data_gen.length import script_language
 from data_gen.plan import PlanError, PlanStep, fill_word_counts, parse_plan, render_plan
 
 
@@ -149,7 +150,7 @@ def test_fill_word_counts_and_render():
 
 
 def test_language_detection_and_template_fill():
-    assert detect_language("写一篇关于 Python 的文章") == "zh"
-    assert detect_language("Write about 长城 in English please") == "en"
+    assert script_language("写一篇关于 Python 的文章") == "zh"
+    assert script_language("Write about 长城 in English please") == "en"
     # braces inside values are left alone, and values are not substituted into each other
     assert fill("{a}|{b}|{c}", a="{b}", b="x {y}") == "{b}|x {y}|{c}"
