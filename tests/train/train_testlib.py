@@ -94,7 +94,7 @@ def torchrun_cmd(nproc: int, argv: list[str], *, extra: list[str] | None = None)
 
 # torchrun --standalone picks its store port by binding port 0 and letting it go: another process can take
 # it in between. Only that infrastructure failure is retried; anything else fails the test at once.
-_PORT_RACE = ("Address already in use", "EADDRINUSE")
+PORT_RACE = ("Address already in use", "EADDRINUSE")
 
 
 def run_torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -107,7 +107,7 @@ def run_torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subproces
             text=True,
             timeout=timeout,
         )
-        if p.returncode == 0 or attempt or not any(m in p.stdout + p.stderr for m in _PORT_RACE):
+        if p.returncode == 0 or attempt or not any(m in p.stdout + p.stderr for m in PORT_RACE):
             break
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p
