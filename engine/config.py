@@ -251,6 +251,11 @@ def validate(cfg: Config) -> None:
     d, o, t, c, lg = cfg.data, cfg.optim, cfg.train, cfg.checkpoint, cfg.log
     need(d.max_length > 0, "max_length", "must be > 0")
     need(0.0 <= d.split_dataset_ratio < 1.0, "split_dataset_ratio", "must be in [0, 1)")
+    need(
+        not (d.val_dataset and d.split_dataset_ratio > 0),
+        "split_dataset_ratio",
+        "a validation set comes from --val_dataset or from a split of --dataset, not both (set one of them)",
+    )
     need(d.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
     need(o.learning_rate > 0, "learning_rate", "must be > 0")
     need(0.0 <= o.warmup_ratio <= 1.0, "warmup_ratio", "must be in [0, 1]")

@@ -66,7 +66,7 @@ ISSUE_FLAGS = {
     "output_dir": "o", "save_steps": "9", "save_total_limit": "2", "save_only_model": "true",
     "resume_from_checkpoint": "latest", "resume_only_model": "true", "eval_steps": "4",
     "logging_steps": "2", "report_to": "tensorboard", "lazy_tokenize": "true", "dataloader_num_workers": "1",
-    "truncation_strategy": "truncate", "check_dataset_strategy": "warning", "split_dataset_ratio": "0.02",
+    "truncation_strategy": "truncate", "check_dataset_strategy": "warning",
 }  # fmt: skip
 
 
@@ -78,6 +78,8 @@ def test_every_flag_of_the_issues_exists():
     assert flat["torch_dtype"] == "float32" and flat["report_to"] == ["tensorboard"]
     assert flat["val_dataset"] == ["v.jsonl"] and flat["resume_only_model"] is True
     assert set(ISSUE_FLAGS) <= set(flat)
+    # A split of --dataset is the other source of a validation set (both together are refused).
+    assert parse_config(["--dataset", "a", "--split_dataset_ratio", "0.02"]).data.split_dataset_ratio == 0.02
 
 
 @pytest.mark.parametrize(
@@ -90,6 +92,7 @@ def test_every_flag_of_the_issues_exists():
         ("dataset: a\n", ["--no_such_flag", "1"], "unknown flag --no_such_flag"),
         ("dataset: a\n", ["--gradient_checkpointing", "maybe"], "'gradient_checkpointing'"),
         ("learning_rate: 1e-5\n", [], "'dataset'"),
+        ("dataset: a\nval_dataset: b\n", ["--split_dataset_ratio", "0.1"], "'split_dataset_ratio'.*not both"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, argv, match):
