@@ -33,14 +33,19 @@ class StageStats:
     usage: dict = field(default_factory=dict)  # client token/request/retry totals, when a client was used
 
 
-def _check_same_input(existing: dict[int, dict], items: list[dict], path: str) -> None:
+def _pending(items: list[dict], pred_path: str) -> tuple[list[dict], StageStats]:
+    """The items with no prediction in ``pred_path`` yet, and stats counting the others as done before.
+    A prediction written for a different prompt under the same idx is an error (another input file)."""
+    existing = latest_by_idx(read_appended(pred_path), items)
     by_idx = {it["idx"]: it for it in items}
     for idx, row in existing.items():
         if idx in by_idx and row.get("prompt") != by_idx[idx]["prompt"]:
             raise ValueError(
-                f"{path} holds a different prompt for idx {idx}: it was written for another input file; "
+                f"{pred_path} holds a different prompt for idx {idx}: it was written for another input file; "
                 "use a fresh --output_dir"
             )
+    todo = [it for it in items if it["idx"] not in existing]
+    return todo, StageStats(done_before=len(items) - len(todo))
 
 
 _CTX_RE = re.compile(r"maximum context length is (\d+)")
@@ -113,10 +118,7 @@ async def run_infer_openai(
 ) -> StageStats:
     """Generate a response for every item not yet in ``pred_path`` through ``client`` (data_gen.llm.LLMClient)."""
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_appended(pred_path), items)
-    _check_same_input(existing, items, pred_path)
-    todo = [it for it in items if it["idx"] not in existing]
-    stats = StageStats(done_before=len(items) - len(todo))
+    todo, stats = _pending(items, pred_path)
     extra = extra_body or {}
 
     async def infer(item: dict) -> dict:
@@ -158,10 +160,7 @@ def run_infer_engine(
     from engine.models import generate, load_pretrained
 
     t0 = time.perf_counter()
-    existing = latest_by_idx(read_appended(pred_path), items)
-    _check_same_input(existing, items, pred_path)
-    todo = [it for it in items if it["idx"] not in existing]
-    stats = StageStats(done_before=len(items) - len(todo))
+    todo, stats = _pending(items, pred_path)
     if not todo:
         return stats
     model = load_pretrained(checkpoint, dtype=getattr(torch, dtype), device=device)
