@@ -48,50 +48,40 @@ def _check_str(value, field: str) -> str:
     return value
 
 
+def _turns(raw, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    """A list of {role_key, content_key} objects (messages or ShareGPT conversations) -> messages."""
+    if not isinstance(raw, list):
+        raise FieldError(key, f"must be a list of {{{role_key}, {content_key}}} objects")
+    out = []
+    for i, m in enumerate(raw):
+        at = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise FieldError(at, f"must be an object with {role_key!r} and {content_key!r}")
+        for k, what in ((role_key, "role"), (content_key, "content")):
+            if k not in m:
+                raise FieldError(f"{at}.{k}", f"missing {what}")
+        if m[role_key] not in roles:
+            raise FieldError(
+                f"{at}.{role_key}", f"unknown role {m[role_key]!r} (expected one of {tuple(roles)})"
+            )
+        out.append({"role": roles[m[role_key]], "content": _check_str(m[content_key], f"{at}.{content_key}")})
+    return out
+
+
 def normalize_row(row) -> tuple[list[dict], dict]:
     """Any accepted row format -> (messages, metadata). Raises FieldError with the field path."""
     if not isinstance(row, dict):
         raise FieldError("<row>", f"a row must be a JSON object, got {type(row).__name__}")
     offset_system = False  # ShareGPT: a top-level "system" shifts message indices by one
     if "messages" in row:
-        raw = row["messages"]
-        if not isinstance(raw, list):
-            raise FieldError("messages", "must be a list of {role, content} objects")
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise FieldError(f"messages[{i}]", "must be an object with 'role' and 'content'")
-            if "role" not in m:
-                raise FieldError(f"messages[{i}].role", "missing role")
-            if "content" not in m:
-                raise FieldError(f"messages[{i}].content", "missing content")
-            role = m["role"]
-            if role not in ROLES:
-                raise FieldError(f"messages[{i}].role", f"unknown role {role!r} (expected one of {ROLES})")
-            messages.append({"role": role, "content": _check_str(m["content"], f"messages[{i}].content")})
+        messages = _turns(row["messages"], "messages", "role", "content", {r: r for r in ROLES})
         meta = {k: v for k, v in row.items() if k != "messages"}
         prefix = "messages"
     elif "conversations" in row:
-        raw = row["conversations"]
-        if not isinstance(raw, list):
-            raise FieldError("conversations", "must be a list of {from, value} objects")
         messages = []
         if row.get("system") is not None:
             messages.append({"role": "system", "content": _check_str(row["system"], "system")})
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise FieldError(f"conversations[{i}]", "must be an object with 'from' and 'value'")
-            if "from" not in m:
-                raise FieldError(f"conversations[{i}].from", "missing role")
-            if "value" not in m:
-                raise FieldError(f"conversations[{i}].value", "missing content")
-            if m["from"] not in _SHAREGPT_ROLES:
-                raise FieldError(
-                    f"conversations[{i}].from",
-                    f"unknown role {m['from']!r} (expected one of {tuple(_SHAREGPT_ROLES)})",
-                )
-            content = _check_str(m["value"], f"conversations[{i}].value")
-            messages.append({"role": _SHAREGPT_ROLES[m["from"]], "content": content})
+        messages += _turns(row["conversations"], "conversations", "from", "value", _SHAREGPT_ROLES)
         meta = {k: v for k, v in row.items() if k not in ("conversations", "system")}
         prefix = "conversations"
         offset_system = row.get("system") is not None
