@@ -7,13 +7,13 @@ import subprocess
 import pytest
 import torch
 from train_testlib import (
-    PORT_RACE,
     REPO,
     base_args,
     child_env,
     free_port,
     load_final,
     make_dataset,
+    retry_port_race,
     run_inprocess,
     run_torchrun,
     torchrun_cmd,
@@ -57,16 +57,16 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
     """Two torchrun agents on one machine, as two nodes of one rank each, meeting at a c10d rendezvous.
     Lazy tokenization: rank 0 measures and caches the token lengths, rank 1 reads its cache."""
     args = base_args(data, tmp_path, max_steps=1, gradient_accumulation_steps=2, lazy_tokenize="true")
-    for attempt in range(2):  # the free port can be taken before the agent binds it: retry that race only
+
+    def launch():
         port = free_port()
         procs = []
         for node in (0, 1):
             rdzv = ["--nnodes=2", f"--node_rank={node}", "--rdzv_backend=c10d",
                     f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-node-test"]  # fmt: skip
-            cmd = torchrun_cmd(1, args, extra=rdzv)
             procs.append(
                 subprocess.Popen(
-                    cmd,
+                    torchrun_cmd(1, args, extra=rdzv),
                     cwd=REPO,
                     env=child_env(),
                     stdout=subprocess.PIPE,
@@ -75,9 +75,9 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
                 )
             )
         outs = [p.communicate(timeout=240)[0] for p in procs]
-        ok = [p.returncode for p in procs] == [0, 0]
-        if ok or attempt or not any(m in o for o in outs for m in PORT_RACE):
-            break
+        return [p.returncode for p in procs] == [0, 0], "\n".join(outs), outs
+
+    ok, outs = retry_port_race(launch)
     assert ok, "\n".join(o[-3000:] for o in outs)
     steps = train_steps(tmp_path)
     assert [r["step"] for r in steps] == [1] and steps[0]["num_tokens"] > 0
@@ -124,11 +124,13 @@ def test_make_demo(tmp_path):
 
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "engine.demo", "--nproc", "2", "--epochs", "1", "--output_dir", str(out)]
-    for attempt in range(2):  # torchrun --standalone's free-port race, as in run_torchrun
+
+    def launch():
         p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-        if p.returncode == 0 or attempt or not any(m in p.stdout + p.stderr for m in PORT_RACE):
-            break
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return p.returncode == 0, p.stdout + p.stderr, p
+
+    ok, p = retry_port_race(launch)  # torchrun --standalone's free-port race
+    assert ok, p.stdout[-3000:] + p.stderr[-3000:]
     summary = p.stdout.strip().splitlines()[-1]
     assert summary.startswith("demo: 2 ranks") and "HF export" in summary
     assert (out / "final" / "model.safetensors").is_file() and list(out.glob("checkpoint-*"))

@@ -97,8 +97,17 @@ def torchrun_cmd(nproc: int, argv: list[str], *, extra: list[str] | None = None)
 PORT_RACE = ("Address already in use", "EADDRINUSE")
 
 
-def run_torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+def retry_port_race(launch):
+    """launch() -> (ok, log, result); called once more only when it failed on the free-port race.
+    Returns (ok, result) of the last call."""
     for attempt in range(2):
+        ok, log, result = launch()
+        if ok or attempt or not any(m in log for m in PORT_RACE):
+            return ok, result
+
+
+def run_torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    def launch():
         p = subprocess.run(
             torchrun_cmd(nproc, argv),
             cwd=REPO,
@@ -107,9 +116,10 @@ def run_torchrun(nproc: int, argv: list[str], timeout: float = 180) -> subproces
             text=True,
             timeout=timeout,
         )
-        if p.returncode == 0 or attempt or not any(m in p.stdout + p.stderr for m in PORT_RACE):
-            break
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+        return p.returncode == 0, p.stdout + p.stderr, p
+
+    ok, p = retry_port_race(launch)
+    assert ok, p.stdout[-3000:] + p.stderr[-5000:]
     return p
 
 
