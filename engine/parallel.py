@@ -10,6 +10,7 @@ Required order (as torchtitan's parallelize.py):
 
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from collections.abc import Iterable
@@ -48,6 +49,17 @@ def init_distributed() -> DistInfo:
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: free unreachable sharded modules (reference cycles) while the group
+    still exists, wait until every rank is idle, then destroy it, so that no rank shuts its backend down
+    while a peer's last collective is in flight (gloo once aborted in teardown: "terminate called without
+    an active exception"). Call it on every rank, after the last collective."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- activation checkpointing

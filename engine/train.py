@@ -17,7 +17,6 @@ batch is split into micro-batches and ranks.
 from __future__ import annotations
 
 import functools
-import gc
 import math
 import random
 import signal
@@ -50,6 +49,7 @@ from engine.parallel import (
     init_distributed,
     load_full_tensors_,
     random_init_tensors,
+    shutdown_distributed,
 )
 from engine.step import all_reduce_floats, evaluate, optimizer_step
 
@@ -345,10 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stopped = train(cfg)["stopped"]
-    if dist.is_initialized():
-        gc.collect()  # free the sharded model (reference cycles) while its process group still exists
-        dist.barrier()  # no rank shuts its backend down while a peer's last collective is in flight
-        dist.destroy_process_group()
+    shutdown_distributed()
     return 143 if stopped else 0
 
 

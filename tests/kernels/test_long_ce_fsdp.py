@@ -7,14 +7,13 @@ the reduce-scatter is a plain SUM on NCCL and gloo alike; gloo would otherwise s
 pytorch#162338), so the summed gradient is d(global sum / global count).
 """
 
-import gc
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from engine.parallel import shutdown_distributed
 from kernels import linear_cross_entropy
 
 V, H, B, T = 96, 16, 4, 10
@@ -101,13 +100,10 @@ def _worker(rank: int, world: int, store_file: str) -> None:
     try:
         for head_unit in (True, False):
             _check_variant(rank, world, head_unit)
-        # Teardown once both ranks are idle: FSDP's modules and DTensors (reference cycles) are freed while
-        # the group still exists, and no rank shuts gloo down while its peer's last collective is in flight
-        # (a CI run once aborted in teardown with "terminate called without an active exception").
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # the peer may never reach a barrier now
+        raise
+    shutdown_distributed()
 
 
 @pytest.mark.dist
