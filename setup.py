@@ -17,7 +17,7 @@ setup(
             "evaluation.*",
         ]
     ),
-    package_data={"data_gen": ["prompts/*.txt"], "evaluation": ["prompts/*.txt"], "engine": ["assets/*"]},
+    package_data={"data_gen": ["prompts/*.txt"], "engine": ["assets/*"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2",

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 from data_gen.jsonl import read_appended
 from data_gen.llm import LLMClient
-from evaluation.quality import DEFAULT_JUDGE_MODEL, MISSING_POLICIES, load_judge_template
+from data_gen.quality import DEFAULT_JUDGE_MODEL, MISSING_POLICIES, load_judge_template
 from evaluation.records import assign_languages, latest_by_idx, load_prompts, text_hash
 from evaluation.report import markdown_report, plot_length, summarize
 from evaluation.stages import StageStats, run_infer_engine, run_infer_openai, run_judge
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--judge_temperature", type=float, help="default 0.5")
     a("--judge_max_tokens", type=int, help="default 1024")
     a("--judge_attempts", type=int, help="judge calls per item until the reply parses (default 5)")
-    a("--judge_prompt", help="judge template with $INST$/$RESPONSE$ (default: evaluation/prompts/judge.txt)")
+    a("--judge_prompt", help="judge template with $INST$/$RESPONSE$ (default: data_gen/prompts/judge.txt)")
     a(
         "--missing",
         choices=MISSING_POLICIES,

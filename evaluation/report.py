@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
+from data_gen.quality import DIMENSIONS, aggregate_quality
 from evaluation.length import BUCKETS, bucket_label, bucket_of, count_words, length_score
-from evaluation.quality import DIMENSIONS, aggregate_quality
 
 LANGS = ("zh", "en")
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data_gen.jsonl import open_append, read_appended
 from data_gen.length import count_words
 from data_gen.llm import LLMError
-from evaluation.quality import judge_response
+from data_gen.quality import judge_response
 from evaluation.records import append_jsonl, latest_by_idx, text_hash
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from data_gen.length import count_words, length_score
+from evaluation.length import BUCKETS, bucket_of
 
 
 def _official_count_words(text: str) -> int:
@@ -90,3 +91,17 @@ def test_length_score_rejects_bad_input():
         length_score(0, 10)
     with pytest.raises(ValueError):
         length_score(10, -1)
+
+
+def test_buckets():
+    assert [bucket_of(x) for x in (1, 499, 500, 1999, 2000, 3999, 4000, 20000)] == [
+        "[0, 500)",
+        "[0, 500)",
+        "[500, 2000)",
+        "[500, 2000)",
+        "[2000, 4000)",
+        "[2000, 4000)",
+        "[4000, inf)",
+        "[4000, inf)",
+    ]
+    assert len(BUCKETS) == 4

@@ -2,7 +2,7 @@
 
 import pytest
 
-from evaluation.quality import DIMENSIONS
+from data_gen.quality import DIMENSIONS
 from evaluation.report import markdown_report, plot_length, summarize
 
 

@@ -15,9 +15,9 @@ import pytest
 from openai_server import OpenAIServer
 
 from data_gen.jsonl import read_appended
+from data_gen.quality import DIMENSIONS
 from evaluation.length import count_words, length_score
 from evaluation.longbench_write import main
-from evaluation.quality import DIMENSIONS
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "longwriter"
 LBW = DATA / "longbench_write.jsonl"

@@ -2,8 +2,7 @@
 
 import pytest
 
-from evaluation.length import BUCKETS, bucket_of
-from evaluation.quality import (
+from data_gen.quality import (
     DIMENSIONS,
     aggregate_quality,
     load_judge_template,
@@ -118,17 +117,3 @@ def test_aggregate_quality_official_and_evalscope():
     assert aggregate_quality([None])["score_q"] is None
     with pytest.raises(ValueError):
         aggregate_quality([all5], missing="zero")
-
-
-def test_buckets():
-    assert [bucket_of(x) for x in (1, 499, 500, 1999, 2000, 3999, 4000, 20000)] == [
-        "[0, 500)",
-        "[0, 500)",
-        "[500, 2000)",
-        "[500, 2000)",
-        "[2000, 4000)",
-        "[2000, 4000)",
-        "[4000, inf)",
-        "[4000, inf)",
-    ]
-    assert len(BUCKETS) == 4

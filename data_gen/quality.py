@@ -1,5 +1,7 @@
 """Quality side of LongBench-Write: the LLM judge, a tolerant parser of its reply, and the SQ aggregate.
 
+Used by evaluation/ (LongBench-Write's S_q) and by data_gen.preference (S_q of each sampled response).
+
 Faithful to THUDM/LongWriter evaluation/eval_quality.py where it matters for the number:
   - six dimensions scored 1..5, SQ = mean over dimensions of (mean score - 1) * 25;
   - the judge is asked up to 5 times for one item until its reply parses;
@@ -68,12 +70,12 @@ _PLACEHOLDER_RE = re.compile(r"\$INST\$|\$RESPONSE\$")
 
 
 def load_judge_template(path: str | None = None) -> str:
-    """The judge prompt: ``path`` if given (e.g. the official judge.txt), else evaluation/prompts/judge.txt."""
+    """The judge prompt: ``path`` if given (e.g. the official judge.txt), else data_gen/prompts/judge.txt."""
     if path is not None:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    # Next to this file (setup.py ships evaluation/prompts/*.txt), not importlib.resources: under pytest the
-    # tests/evaluation folder can shadow the package name.
+    # Next to this file (setup.py ships data_gen/prompts/*.txt), not importlib.resources: under pytest a
+    # tests/ folder of the same name can shadow the package.
     with open(os.path.join(os.path.dirname(__file__), "prompts", "judge.txt"), encoding="utf-8") as f:
         return f.read()
 
