@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import hashlib
-import json
 import logging
 import os
 import re
@@ -32,8 +30,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_gen.filters import required_length
-from data_gen.jsonl import iter_objects, open_append, read_appended, write_objects
+from data_gen.instructions import Instruction, read_instructions
+from data_gen.jsonl import AppendLog, write_objects
 from data_gen.length import count_words, script_language
 from data_gen.llm import LLMClient, LLMError
 from data_gen.plan import (
@@ -101,54 +99,16 @@ def write_messages(item: Item, steps: list[PlanStep], written: list[str], i: int
 # items and the progress sidecar
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Item:
-    index: int
-    id: str
-    prompt: str
-    length: int | None
-    lang: str
-
-    @property
-    def key(self) -> str:
-        # The prompt's hash is part of the key: an edited prompt under an old id starts afresh.
-        return f"{self.id}|{hashlib.sha1(self.prompt.encode()).hexdigest()[:12]}"
+class Item(Instruction):
+    lang: str = "en"  # of the plan and write prompts: the instruction's script
 
 
 def read_items(path: str | os.PathLike) -> list[Item]:
-    items: list[Item] = []
-    seen: set[str] = set()
-    for lineno, row in iter_objects(path):
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{path}:{lineno}: row without a non-empty string 'prompt'")
-        if row.get("id") is not None:
-            id_ = str(row["id"])
-            if id_ in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate id {id_!r}")
-        else:  # stable across reruns: derived from the prompt (and its repeat count)
-            base = hashlib.sha1(prompt.encode()).hexdigest()[:16]
-            id_, k = base, 1
-            while id_ in seen:
-                id_, k = f"{base}-{k}", k + 1
-        seen.add(id_)
-        length = _given_length(row.get("length"), f"{path}:{lineno}")
-        if length is None:
-            length = required_length(prompt)
-        items.append(Item(len(items), id_, prompt, length, script_language(prompt)))
-    return items
-
-
-def _given_length(value: object, where: str) -> int | None:
-    """A row's "length" as a positive int (a whole float or a digit string is accepted), or None."""
-    if value is None:
-        return None
-    try:
-        length = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        length = float("nan")
-    if not length.is_integer() or length <= 0:  # NaN is not an integer either
-        raise ValueError(f"{where}: 'length' must be a positive whole number of words, got {value!r}")
-    return int(length)
+    """The rows of `path` (`{"prompt", "id"?, "length"?}`; data_gen.instructions has the rules)."""
+    return [
+        Item(**vars(it), lang=script_language(it.prompt))
+        for it in read_instructions(path, allow_messages=False)
+    ]
 
 
 @dataclass
@@ -170,10 +130,10 @@ class Progress:
     and {"key", "kind": "paragraph", "i", "text"}. Each line is flushed and fsync'd before use."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.log = AppendLog(path)  # a torn last line (a run killed mid-write) is skipped: asked again
+        self.path = self.log.path
         self.states: dict[str, ItemState] = {}
-        # read_appended skips a torn last line (a run killed mid-write); that answer is asked again.
-        for rec in read_appended(self.path):
+        for rec in self.log.rows:
             try:
                 state = self.states.setdefault(rec["key"], ItemState())
                 if rec["kind"] == "plan":
@@ -182,26 +142,20 @@ class Progress:
                     state.paragraphs[int(rec["i"])] = rec["text"]
             except (KeyError, TypeError, ValueError):
                 log.warning("%s: skipping unreadable progress record %.200r", self.path, rec)
-        self._f = open_append(self.path)
 
     def state(self, key: str) -> ItemState:
         return self.states.setdefault(key, ItemState())
 
-    def _append(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
     def add_plan(self, key: str, steps: list[PlanStep]) -> None:
-        self._append({"key": key, "kind": "plan", "steps": [[s.main_point, s.words] for s in steps]})
+        self.log.append({"key": key, "kind": "plan", "steps": [[s.main_point, s.words] for s in steps]})
         self.state(key).steps = steps
 
     def add_paragraph(self, key: str, i: int, text: str) -> None:
-        self._append({"key": key, "kind": "paragraph", "i": i, "text": text})
+        self.log.append({"key": key, "kind": "paragraph", "i": i, "text": text})
         self.state(key).paragraphs[i] = text
 
     def close(self) -> None:
-        self._f.close()
+        self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------

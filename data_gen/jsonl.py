@@ -69,3 +69,21 @@ def open_append(path: str | os.PathLike) -> IO[str]:
             with open(path, "a", encoding="utf-8") as f:
                 f.write("\n")
     return open(path, "a", encoding="utf-8")
+
+
+class AppendLog:
+    """An append-only JSONL log of answers: `rows` holds what earlier runs wrote (read_appended), `append`
+    writes one row and fsyncs it before returning, so an answer is on disk before anything uses it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.rows = read_appended(self.path)
+        self._f = open_append(self.path)
+
+    def append(self, row: dict) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
