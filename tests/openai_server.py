@@ -6,7 +6,8 @@
         assert len(srv.requests) == 1
 
 `handler(body) -> str` gives the assistant text for a request body (the parsed JSON of
-POST /v1/chat/completions). `fail(body, n_seen)` may inject a failure before the handler runs:
+POST /v1/chat/completions); a `(text, finish_reason)` tuple sets the finish reason too (default
+"stop"). `fail(body, n_seen)` may inject a failure before the handler runs:
 `n_seen` is how many earlier requests carried the same `messages` (0 for the first one), so
 "fail the first two attempts, then answer" is `lambda b, n: 500 if n < 2 else None`. It returns
   None       answer normally,
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Handler = Callable[[dict], str]
+Handler = Callable[[dict], "str | tuple[str, str]"]
 Fail = Callable[[dict, int], "None | int | str"]
 
 
@@ -157,6 +158,7 @@ class OpenAIServer:
 
         try:
             text = self.handler(body)
+            text, finish_reason = text if isinstance(text, tuple) else (text, "stop")
         except Exception as e:  # surfaced to the client as a server error
             self._send_json(h, 500, {"error": {"message": f"handler raised {e!r}", "type": "server_error"}})
             return
@@ -176,7 +178,7 @@ class OpenAIServer:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "finish_reason": finish_reason,
                     }
                 ],
                 "usage": {
