@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data_gen.instructions import Instruction, read_instructions
 from data_gen.jsonl import AppendLog, write_objects
 from data_gen.length import count_words, script_language
-from data_gen.llm import LLMClient, LLMError
+from data_gen.llm import LLMClient, LLMError, add_retry_flags, retry_options
 from data_gen.plan import (
     MAX_PARAGRAPHS,
     PlanError,
@@ -327,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_url", default=None, help="e.g. http://localhost:8000/v1 (default: OpenAI)")
     p.add_argument("--api_key", default=None, help="default: env OPENAI_API_KEY, else 'EMPTY'")
     p.add_argument("--concurrency", type=int, default=8, help="items in flight")
-    p.add_argument("--max_retries", type=int, default=5)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--backoff_base", type=float, default=1.0)
-    p.add_argument("--backoff_max", type=float, default=60.0)
+    add_retry_flags(p)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--max_tokens", type=int, default=None, help="per request (plan or paragraph)")
     p.add_argument(
@@ -356,15 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    client = LLMClient(
-        args.model,
-        base_url=args.base_url,
-        api_key=args.api_key,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        backoff_base=args.backoff_base,
-        backoff_max=args.backoff_max,
-    )
+    client = LLMClient(args.model, base_url=args.base_url, api_key=args.api_key, **retry_options(args))
     cfg = GenConfig(
         concurrency=args.concurrency,
         temperature=args.temperature,

@@ -11,6 +11,7 @@ so that every caller gets the same policy and the same typed failure:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import email.utils
 import logging
@@ -232,3 +233,19 @@ class LLMClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+RETRY_FLAGS = ("timeout", "max_retries", "backoff_base", "backoff_max")
+
+
+def add_retry_flags(p: argparse.ArgumentParser) -> None:
+    """The client's request policy as CLI flags (the data_gen runners); retry_options reads them back."""
+    p.add_argument("--max_retries", type=int, default=5, help="retries per request on 429/5xx/timeouts")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--backoff_base", type=float, default=1.0)
+    p.add_argument("--backoff_max", type=float, default=60.0)
+
+
+def retry_options(args: argparse.Namespace) -> dict[str, Any]:
+    """LLMClient keyword arguments from the flags of add_retry_flags."""
+    return {name: getattr(args, name) for name in RETRY_FLAGS}

@@ -24,14 +24,14 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tqdm import tqdm
 
 from data_gen.instructions import Instruction, read_instructions
 from data_gen.jsonl import AppendLog, write_objects
-from data_gen.llm import Completion, LLMClient, LLMError
+from data_gen.llm import Completion, LLMClient, LLMError, add_retry_flags, retry_options
 from data_gen.pairs import SCORES, TRUNCATED, choose_pair, pair_row, plot_pairs, score_sample, summarize
 from data_gen.pairs import summary_line as pairs_line
 from data_gen.pairs import truncated as is_truncated
@@ -390,10 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send each sample request its own seed (--no-request_seed for servers that reject the field)",
     )
     a("--sample_attempts", type=int, default=3, help="asks for a sample that comes back empty")
-    a("--max_retries", type=int, default=5, help="client retries on 429/5xx/timeouts, per request")
-    a("--timeout", type=float, default=600.0, help="seconds per request")
-    a("--backoff_base", type=float, default=1.0)
-    a("--backoff_max", type=float, default=60.0)
+    add_retry_flags(p)
     a("--progress", default=None, help="sidecar (default <output>.progress.jsonl)")
     a("--failures", default=None, help="default <output>.failures.jsonl")
     a("--no_plot", action="store_true", help="skip <output>.scores.png")
@@ -417,8 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    retry = {"timeout": args.timeout, "max_retries": args.max_retries, "backoff_base": args.backoff_base}
-    retry["backoff_max"] = args.backoff_max
+    retry = retry_options(args)
     client = LLMClient(args.model, base_url=args.base_url, api_key=args.api_key, **retry)
     judge_client = judge = None
     if args.score != "length":
@@ -432,18 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.judge_max_tokens,
             attempts=args.judge_attempts,
         )
-    cfg = SampleConfig(
-        num_samples=args.num_samples,
-        concurrency=args.concurrency,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_tokens=args.max_tokens,
-        sample_attempts=args.sample_attempts,
-        seed=args.seed,
-        request_seed=args.request_seed,
-        score=args.score,
-        truncated=args.truncated,
-    )
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in fields(SampleConfig)})  # same names
     plot = None if args.no_plot else f"{args.output}.scores.png"
 
     async def go() -> RunStats:

@@ -20,8 +20,11 @@ An exception raised by the handler becomes a 500 (so a test bug shows up as a fa
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -220,3 +223,17 @@ class OpenAIServer:
             h.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) before we answered
+
+
+def kill_after_requests(cmd: list[str], srv: OpenAIServer, n: int, cwd: str | os.PathLike) -> int:
+    """Run `cmd` and SIGKILL it once `srv` has seen `n` requests (or after 30 s, or when it exits first);
+    returns its exit status (-SIGKILL when the kill landed)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while len(srv.requests) < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return proc.returncode

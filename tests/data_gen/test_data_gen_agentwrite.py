@@ -9,17 +9,15 @@ paired with the wrong item or written out of order shows up as "PAIRING-ERROR" i
 import asyncio
 import itertools
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from openai_server import OpenAIServer
+from openai_server import OpenAIServer, kill_after_requests
 
 from data_gen import agentwrite
 from data_gen.agentwrite import GenConfig, Progress, read_items, run
@@ -299,15 +297,7 @@ def test_killed_process_resumes_without_repeating_requests(tmp_path):
         cmd = [sys.executable, "-m", "data_gen.agentwrite", "--input", str(tmp_path / "in.jsonl")]
         cmd += ["--output", str(tmp_path / "out.jsonl"), "--model", "fake", "--base_url", srv.base_url]
         cmd += ["--api_key", "k", "--concurrency", "2", "--timeout", "5"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while len(srv.requests) < 8 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.005)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        assert kill_after_requests(cmd, srv, 8, REPO) == -signal.SIGKILL
     rerun_and_check(tmp_path, items)
 
 

@@ -8,17 +8,15 @@ official formulas (length_score; (q - 1) x 25), never from the code under test's
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from openai_server import OpenAIServer
+from openai_server import OpenAIServer, kill_after_requests
 
 from data_gen import preference
 from data_gen.instructions import read_instructions
@@ -367,26 +365,9 @@ def test_killed_process_resumes_without_asking_again(tmp_path):
     with OpenAIServer(Fake(sleep=0.02)) as srv:
         cmd = [sys.executable, "-m", "data_gen.preference", "--input", str(inp)]
         cmd += ["--output", str(tmp_path / "pairs.jsonl"), "--model", "policy", "--base_url", srv.base_url]
-        cmd += [
-            "--judge_model",
-            "judge",
-            "--judge_base_url",
-            srv.base_url,
-            "--api_key",
-            "k",
-            "--judge_api_key",
-            "k",
-        ]
+        cmd += f"--judge_model judge --judge_base_url {srv.base_url} --api_key k --judge_api_key k".split()
         cmd += ["--concurrency", "2", "--timeout", "5"]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while len(srv.requests) < 14 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.005)
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        assert kill_after_requests(cmd, srv, 14, REPO) == -signal.SIGKILL
     resume_and_compare(tmp_path, inp, 5)
 
 
