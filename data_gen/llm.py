@@ -17,6 +17,7 @@ import email.utils
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -233,6 +234,43 @@ class LLMClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+_CTX_RE = re.compile(r"maximum context length is (\d+)")
+_PROMPT_RE = re.compile(
+    r"(\d+) in the messages|request has (\d+) input tokens|prompt contains at least (\d+) input tokens"
+)
+
+
+def fit_max_tokens(error_message: str, max_tokens: int) -> int | None:
+    """The largest max_tokens a server's context-length 400 leaves room for, or None if it does not say.
+
+    vLLM rejects prompt + max_tokens > max_model_len instead of stopping at the limit, so a max_tokens of
+    32768 against a 32k-context server would fail every prompt; HF generate (the official pred.py) just
+    stops there. Both vLLM message styles are understood ("... (132 in the messages, 32768 in the
+    completion)" and "... your request has 2778 input tokens (8000 > 4096 - 2778)").
+    """
+    ctx, prompt = _CTX_RE.search(error_message), _PROMPT_RE.search(error_message)
+    if ctx is None or prompt is None:
+        return None
+    room = int(ctx.group(1)) - int(next(g for g in prompt.groups() if g is not None))
+    return room if 0 < room < max_tokens else None
+
+
+async def chat_within_context(
+    client: LLMClient, messages: list[dict], *, max_tokens: int | None, **kwargs: Any
+) -> tuple[Completion, int | None]:
+    """client.chat, asked once more with the max_tokens a context-length 400 leaves room for (when the error
+    says how much that is); returns the completion and the max_tokens it was asked with. The second answer
+    may well stop at the context (finish_reason "length"): the caller decides what a cut-off text is worth."""
+    try:
+        return await client.chat(messages, max_tokens=max_tokens, **kwargs), max_tokens
+    except LLMError as e:
+        fitted = fit_max_tokens(str(e), max_tokens) if e.kind == "bad_request" and max_tokens else None
+        if fitted is None:
+            raise
+    log.warning("max_tokens %d -> %d to fit the context", max_tokens, fitted)
+    return await client.chat(messages, max_tokens=fitted, **kwargs), fitted
 
 
 RETRY_FLAGS = ("timeout", "max_retries", "backoff_base", "backoff_max")

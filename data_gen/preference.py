@@ -31,7 +31,14 @@ from tqdm import tqdm
 
 from data_gen.instructions import Instruction, read_instructions
 from data_gen.jsonl import AppendLog, write_objects
-from data_gen.llm import Completion, LLMClient, LLMError, add_retry_flags, retry_options
+from data_gen.llm import (
+    Completion,
+    LLMClient,
+    LLMError,
+    add_retry_flags,
+    chat_within_context,
+    retry_options,
+)
 from data_gen.pairs import SCORES, TRUNCATED, choose_pair, pair_row, plot_pairs, score_sample, summarize
 from data_gen.pairs import summary_line as pairs_line
 from data_gen.pairs import truncated as is_truncated
@@ -238,8 +245,9 @@ async def run(
     async def ask(item: Instruction, k: int) -> dict:
         for attempt in range(cfg.sample_attempts):
             extra = {"seed": request_seed(cfg.seed, item.key, k, attempt)} if cfg.request_seed else {}
-            async with sem:
-                comp = await client.chat(
+            async with sem:  # a context-length 400 is asked once more with the room it leaves
+                comp, _ = await chat_within_context(
+                    client,
                     item.messages,
                     temperature=cfg.temperature,
                     max_tokens=cfg.max_tokens,

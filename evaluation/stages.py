@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from data_gen.jsonl import open_append, read_appended
 from data_gen.length import count_words
-from data_gen.llm import LLMError
+from data_gen.llm import LLMError, chat_within_context
 from data_gen.quality import judge_response
 from evaluation.records import append_jsonl, latest_by_idx, text_hash
 
@@ -46,27 +45,6 @@ def _pending(items: list[dict], pred_path: str) -> tuple[list[dict], StageStats]
             )
     todo = [it for it in items if it["idx"] not in existing]
     return todo, StageStats(done_before=len(items) - len(todo))
-
-
-_CTX_RE = re.compile(r"maximum context length is (\d+)")
-_PROMPT_RE = re.compile(
-    r"(\d+) in the messages|request has (\d+) input tokens|prompt contains at least (\d+) input tokens"
-)
-
-
-def fit_max_tokens(error_message: str, max_tokens: int) -> int | None:
-    """The largest max_tokens a server's context-length 400 leaves room for, or None if it does not say.
-
-    vLLM rejects prompt + max_tokens > max_model_len instead of stopping at the limit, so "--max_new_tokens
-    32768" against a 32k-context server would fail every prompt; HF generate (the official pred.py) just
-    stops there. Both vLLM message styles are understood ("... (132 in the messages, 32768 in the
-    completion)" and "... your request has 2778 input tokens (8000 > 4096 - 2778)").
-    """
-    ctx, prompt = _CTX_RE.search(error_message), _PROMPT_RE.search(error_message)
-    if ctx is None or prompt is None:
-        return None
-    room = int(ctx.group(1)) - int(next(g for g in prompt.groups() if g is not None))
-    return room if 0 < room < max_tokens else None
 
 
 def _pred_row(item: dict, text: str, finish_reason: str | None, completion_tokens: int) -> dict:
@@ -123,17 +101,9 @@ async def run_infer_openai(
 
     async def infer(item: dict) -> dict:
         messages = [{"role": "user", "content": item["prompt"]}]
-        budget = max_new_tokens
-        try:
-            c = await client.chat(messages, temperature=temperature, max_tokens=budget, top_p=top_p, **extra)
-        except LLMError as e:
-            fitted = fit_max_tokens(str(e), budget) if e.kind == "bad_request" else None
-            if fitted is None:
-                raise
-            # One second try, with a max_tokens that fits the server's context.
-            log.warning("idx %s: max_tokens %d -> %d to fit the context", item["idx"], budget, fitted)
-            budget = fitted
-            c = await client.chat(messages, temperature=temperature, max_tokens=budget, top_p=top_p, **extra)
+        c, budget = await chat_within_context(
+            client, messages, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **extra
+        )
         return {**_pred_row(item, c.text, c.finish_reason, c.completion_tokens), "max_tokens": budget}
 
     await _append_concurrently(todo, pred_path, stats, concurrency, "infer", infer)

@@ -12,6 +12,7 @@ POST /v1/chat/completions); a `(text, finish_reason)` tuple sets the finish reas
 "fail the first two attempts, then answer" is `lambda b, n: 500 if n < 2 else None`. It returns
   None       answer normally,
   int        that HTTP status with an OpenAI error body (429 and 503 carry `Retry-After`),
+  (int, str) that status with that error message,
   "timeout"  hang without answering (until `hang_s` passes or the server stops),
   "drop"     close the connection without any response.
 An exception raised by the handler becomes a 500 (so a test bug shows up as a failed request).
@@ -32,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Handler = Callable[[dict], "str | tuple[str, str]"]
-Fail = Callable[[dict, int], "None | int | str"]
+Fail = Callable[[dict, int], "None | int | tuple[int, str] | str"]
 
 
 def _count_tokens(text: str) -> int:
@@ -67,7 +68,7 @@ class OpenAIServer:
         self.retry_after = retry_after  # value of the Retry-After header on 429/503 (None: no header)
         self.hang_s = hang_s
         self.requests: list[dict] = []
-        self.failures: list[tuple[dict, int | str]] = []  # (body, injected failure), in arrival order
+        self.failures: list[tuple[dict, int | tuple | str]] = []  # (body, injected failure), in arrival order
         self._lock = threading.Lock()
         self._seen: dict[str, int] = {}
         self._rng = random.Random(seed)
@@ -154,8 +155,8 @@ class OpenAIServer:
             except OSError:
                 pass
             return
-        if isinstance(failure, int):
-            self._send_error(h, failure)
+        if isinstance(failure, int | tuple):
+            self._send_error(h, *(failure if isinstance(failure, tuple) else (failure,)))
             return
         assert failure is None, f"fail() returned {failure!r}"
 
@@ -192,9 +193,9 @@ class OpenAIServer:
             },
         )
 
-    def _send_error(self, h: BaseHTTPRequestHandler, status: int) -> None:
+    def _send_error(self, h: BaseHTTPRequestHandler, status: int, message: str | None = None) -> None:
         kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
-        message = {
+        message = message or {
             400: "This model's maximum context length is 8192 tokens (injected)",
             429: "Rate limit reached (injected)",
         }.get(status, f"injected error {status}")

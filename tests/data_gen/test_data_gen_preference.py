@@ -333,6 +333,21 @@ def test_ties_truncation_and_the_seeded_rejected_draw(tmp_path):
         assert meta["partly"]["samples"][meta["partly"]["rejected"]]["finish_reason"] == "stop"
 
 
+def test_a_context_length_400_is_asked_again_with_the_room_it_leaves(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", [story("ctx")])
+    too_long = (
+        "This model's maximum context length is 1000 tokens. However, you requested 4100 tokens "
+        "(100 in the messages, 4000 in the completion)."
+    )
+    fail = lambda body, n: (400, too_long) if body["model"] == "policy" and body["max_tokens"] > 900 else None
+    with OpenAIServer(Fake(), fail=fail) as srv:
+        stats = generate(srv, tmp_path, inp, num_samples=2, max_tokens=4000)
+    assert sorted(b["max_tokens"] for b in policy_requests(srv)) == [900, 900, 4000, 4000]
+    assert stats.done == 1
+    (row,) = read_jsonl(tmp_path / "pairs.jsonl")
+    check_pair(row, {"ctx": story("ctx")}, seeds_of(srv, "ctx"), num_samples=2)
+
+
 def recorded(progress: Path) -> tuple[set[int], int]:
     """Seeds of the samples in a progress file (as the runner derives them) and its number of judgements."""
     recs = read_jsonl(progress) if progress.exists() else []
