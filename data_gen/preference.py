@@ -89,10 +89,11 @@ class Progress:
         self.log = AppendLog(path)  # a torn last line (a run killed mid-write) is skipped: asked again
         self.samples: dict[str, dict[int, dict]] = {}
         self.judged: dict[str, dict[int, dict]] = {}
+        self._sha: dict[tuple[str, int], str] = {}  # of each sample's text, hashed once
         for rec in self.log.rows:
             try:
                 if rec["kind"] == "sample" and isinstance(rec["text"], str):
-                    self.samples.setdefault(rec["key"], {})[int(rec["k"])] = rec
+                    self._set_sample(rec["key"], int(rec["k"]), rec)
                 elif (
                     rec["kind"] == "judge" and isinstance(rec["scores"], dict) and isinstance(rec["sha"], str)
                 ):
@@ -102,19 +103,23 @@ class Progress:
             except (KeyError, TypeError, ValueError):
                 log.warning("%s: skipping unreadable progress record %.200r", self.log.path, rec)
 
+    def _set_sample(self, key: str, k: int, rec: dict) -> None:
+        self.samples.setdefault(key, {})[k] = rec
+        self._sha[key, k] = _sha(rec["text"])
+
     def sample(self, key: str, k: int) -> dict | None:
         return self.samples.get(key, {}).get(k)
 
     def judgement(self, key: str, k: int) -> dict | None:
         """The judgement of sample k's current text (one of an older text does not count)."""
-        rec, sample = self.judged.get(key, {}).get(k), self.sample(key, k)
-        return rec if rec is not None and sample is not None and rec["sha"] == _sha(sample["text"]) else None
+        rec = self.judged.get(key, {}).get(k)
+        return rec if rec is not None and rec["sha"] == self._sha.get((key, k)) else None
 
     def add_sample(self, key: str, k: int, comp: Completion) -> dict:
         rec = {"key": key, "kind": "sample", "k": k, "text": comp.text, "finish_reason": comp.finish_reason}
         rec["completion_tokens"] = comp.completion_tokens
         self.log.append(rec)
-        self.samples.setdefault(key, {})[k] = rec
+        self._set_sample(key, k, rec)
         return rec
 
     def add_judgement(self, key: str, k: int, text: str, scores: dict, attempts: int, output: str) -> None:

@@ -470,3 +470,18 @@ def test_cli_rejects_bad_options(tmp_path, capsys, flag, value):
             ["--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--model", "m", flag, value]
         )
     assert ei.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_progress_skips_a_torn_line_and_judgements_of_another_text(tmp_path):
+    path = tmp_path / "p.jsonl"
+    sample = {"key": "a|x", "kind": "sample", "k": 0, "text": "new text", "finish_reason": "stop"}
+    stale = {"key": "a|x", "kind": "judge", "k": 0, "sha": "0" * 16, "scores": dict.fromkeys(DIMENSIONS, 5)}
+    path.write_text(json.dumps(sample) + "\n" + json.dumps(stale) + "\n" + '{"key": "a|x", "kind": "sam')
+    p = preference.Progress(path)
+    assert p.sample("a|x", 0)["text"] == "new text" and p.sample("a|x", 1) is None
+    assert p.judgement("a|x", 0) is None  # judged some other text: asked again
+    p.add_judgement("a|x", 0, "new text", dict.fromkeys(DIMENSIONS, 4), 1, "{...}")
+    p.close()
+    p2 = preference.Progress(path)  # the torn line was ended: the new record reads back
+    assert p2.judgement("a|x", 0)["scores"]["Clarity"] == 4
+    p2.close()
