@@ -13,6 +13,7 @@ summarize      counts, score distributions, chosen-minus-rejected margins; plot_
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter
@@ -165,7 +166,8 @@ def summary_line(summary: dict) -> str:
         f"pairs {summary['pairs']}, failed {summary['failed']}"
         + (f" ({kinds})" if kinds else "")
         + f" | score chosen {mean(s['chosen'])}, rejected {mean(s['rejected'])}, margin mean "
-        f"{mean(summary['margin'])} ({summary['zero_margin_pairs']} zero) | without length "
+        f"{mean(summary['margin'])} ({summary['zero_margin_pairs']} zero, {summary['negative_margin_pairs']} negative)"
+        f" | without length "
         f"{summary['pairs_without_length']}, truncated samples {summary['truncated_samples']}"
     )
 
@@ -185,7 +187,9 @@ def plot_pairs(rows: list[dict], path: str | os.PathLike) -> None:
         axes[0].hist([s["score"] for s in group], bins=bins, alpha=0.5, color=color, label=label)
     axes[0].set(xlabel="score", ylabel="pairs", title="chosen and rejected scores")
     axes[0].legend()
-    axes[1].hist([r["preference"]["margin"] for r in rows], bins=bins, color="tab:blue")
+    margins = [r["preference"]["margin"] for r in rows]
+    lo = 5 * math.floor(min([0.0, *margins]) / 5)  # a cut-off rejected can outscore the chosen: margin < 0
+    axes[1].hist(margins, bins=list(range(lo, 105, 5)), color="tab:blue")
     axes[1].set(xlabel="chosen - rejected score", ylabel="pairs", title="margins")
     for group, color, label in ((chosen, "tab:green", "chosen"), (rejected, "tab:red", "rejected")):
         pts = [
