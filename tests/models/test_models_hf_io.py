@@ -179,7 +179,7 @@ def test_tokenizer_is_saved_and_meta_load_validates(tmp_path):
 def test_debug_flavours_match_the_data_tokenizer():
     from engine.data import load_tokenizer
 
-    for name in ("debug-qwen2", "debug-glm4"):
+    for name in ("debug-qwen2", "debug-glm4", "debug-llama"):
         tok = load_tokenizer(name)
         assert tuple(FLAVOURS[name].eos_token_ids) == tuple(tok.eos_token_ids)
         assert tok.vocab_size <= FLAVOURS[name].vocab_size
@@ -331,7 +331,7 @@ def test_save_accepts_wrapped_names_and_rejects_foreign_state(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("name", ["debug-qwen2", "debug-glm4"])
+@pytest.mark.parametrize("name", ["debug-qwen2", "debug-glm4", "debug-llama"])
 def test_export_writes_a_tokenizer_that_transformers_loads(name, tmp_path):
     from engine.data import load_tokenizer
 
