@@ -106,7 +106,7 @@ def _glm(arch: Arch = "glm", **kw) -> ModelArgs:
 # Debug tokenizer ids (engine/data/tokenizer.py: 256 byte tokens, then the special tokens in order).
 # debug-qwen2: <|endoftext|>=256, <|im_start|>=257, <|im_end|>=258.
 # debug-glm4: <|endoftext|>=256, ..., <|user|>=263, <|assistant|>=264, <|observation|>=265.
-# debug-llama: <|begin_of_text|>=256, <|end_of_text|>=257, ..., <|eom_id|>=261, <|eot_id|>=262.
+# debug-llama: <|begin_of_text|>=256, <|end_of_text|>=257, ..., <|eom_id|>=264, <|eot_id|>=265 (Llama 3 order).
 FLAVOURS: dict[str, ModelArgs] = {
     "debug-qwen2": _qwen2(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -123,7 +123,7 @@ FLAVOURS: dict[str, ModelArgs] = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         rms_norm_eps=1e-5, rope_theta=5e5, max_position_embeddings=4096,
         rope_scaling=RopeScaling("llama3", 8.0, 64, 1.0, 4.0),
-        eos_token_ids=(257, 261, 262), bos_token_id=256, pad_token_id=257,
+        eos_token_ids=(265, 257, 264), bos_token_id=256, pad_token_id=257,
     ),
     # Values from the public config.json files.
     "qwen2-7b": _qwen2(

@@ -83,11 +83,8 @@ def _has_dashscope():
     return importlib.util.find_spec("dashscope") is not None
 
 
-@pytest.fixture(scope="module")
-def qwen_bpe():
+def _qwen_bpe():
     """Qwen2's byte-level BPE rebuilt from the 151,643 ranks of qwen.tiktoken (no added tokens yet)."""
-    if not _has_dashscope():
-        pytest.skip("the dashscope package (dev extra) ships the Qwen2 BPE ranks")
     import base64
 
     from engine.data.tokenizer import bpe_from_ranks
@@ -135,13 +132,21 @@ def _qwen_dir(root, bpe, version):
     return _write_dir(root / name, bpe, added, template, config)
 
 
+class _Dirs(dict):
+    def __missing__(self, name):  # only the Qwen2 vocabulary needs the package
+        pytest.skip("the dashscope package (dev extra) ships the Qwen2 BPE ranks")
+
+
 @pytest.fixture(scope="module")
-def model_dirs(qwen_bpe, tmp_path_factory):
+def model_dirs(tmp_path_factory):
     """{name: directory with tokenizer.json + tokenizer_config.json holding the real chat template}."""
     from engine.data.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS, bpe_from_ranks
 
     root = tmp_path_factory.mktemp("models")
-    dirs = {"qwen2": _qwen_dir(root, qwen_bpe, "2"), "qwen2.5": _qwen_dir(root, qwen_bpe, "2.5")}
+    dirs = _Dirs()
+    if _has_dashscope():
+        qwen_bpe = _qwen_bpe()
+        dirs.update(qwen2=_qwen_dir(root, qwen_bpe, "2"), **{"qwen2.5": _qwen_dir(root, qwen_bpe, "2.5")})
     # Stand-in vocabularies: the bytes plus a few merges, GLM-4 / Llama-3 pre-tokenisation and special tokens.
     ranks = {bytes([b]): b for b in range(256)}
     for t in (b"\n\n", b"th", b"the", b"Li", "长".encode()[:2], "长".encode(), b"ing", b" a"):
