@@ -115,6 +115,13 @@ def test_example_configs_parse():
     assert main.train.gradient_accumulation_steps == 64 and main.train.gradient_checkpointing
     anneal = parse_config(["--config", str(REPO / "examples/longwriter_qwen2_7b_anneal.yaml")])
     assert anneal.optim.learning_rate == 2e-6 and anneal.checkpoint.resume_only_model
+    for cfg in (
+        parse_config(["--config", str(f)]) for f in files if f.suffix == ".yaml"
+    ):  # the published recipe
+        assert (cfg.optim.adam_beta1, cfg.optim.adam_beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
+    llama = parse_config(["--config", str(REPO / "examples/longwriter_llama3_1_8b.yaml")])
+    assert llama.model.template == "longwriter" and llama.train.loss_name == "sequence" and llama.data.packing
+    assert llama.data.dataset == ["data/longwriter-6k.jsonl", "data/general_sft.jsonl#120000"]  # 1:20 with 6k
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -352,6 +359,14 @@ def test_memory_plan_qwen2_7b_on_4_a100():
     torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
     assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
     assert "total" in ac.format()
+
+
+def test_memory_plan_llama3_1_8b_on_8_gpus():
+    args = FLAVOURS["llama3.1-8b"]
+    plan = plan_memory(args, world_size=8, tokens_per_micro_batch=32768, gradient_checkpointing=True)
+    assert 30 < plan.total / 2**30 < 80  # fits an 80 GB GPU
+    assert plan.params == args.num_params() * 4 / 8
+    assert f"{plan.gib()['total']:.1f} GiB" in (REPO / "examples/longwriter_llama3_1_8b.yaml").read_text()
 
 
 # ------------------------------------------------------------------ checkpoints on disk
