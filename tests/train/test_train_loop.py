@@ -206,8 +206,8 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_an_error(data, tmp_path, 
 
     real = engine.data.load_tokenizer
 
-    def too_big(name):
-        tok = real(name)
+    def too_big(name, **kw):
+        tok = real(name, **kw)
         monkeypatch.setattr(type(tok), "vocab_size", property(lambda self: 513))  # debug model: 512 rows
         return tok
 
