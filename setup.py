@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.66",
         "openai>=1.30",
         "pyyaml>=6.0",
+        "jinja2>=3.1.6",  # chat templates, rendered as transformers does (>= 3.1.6: sandbox fixes)
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
@@ -39,6 +40,7 @@ setup(
             "accelerate>=1.0",
             "ruff>=0.6",
             "matplotlib>=3.8",
+            "dashscope",  # ships qwen.tiktoken: the real Qwen2 BPE ranks the template tests rebuild
         ],
     },
 )

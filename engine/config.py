@@ -29,6 +29,10 @@ class ModelConfig:
     torch_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
     attn_impl: str = "auto"  # passed to engine.models (auto | flash | sdpa | ...)
     loss_impl: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+    # chat template: None = the checkpoint's own (chat_template.jinja / tokenizer_config.json), else the
+    # built-in of its vocabulary; a name (ms-swift's) replaces it: qwen, qwen2_5, chatml, glm4, llama3, longwriter
+    template: str | None = None
+    system: str | None = None  # the system prompt of conversations without one (written into the export)
 
 
 @dataclass
@@ -70,7 +74,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     gradient_checkpointing_every: int = 1  # checkpoint every k-th decoder layer
     neftune_noise_alpha: float = 0.0  # 0 = off
-    loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "mean"))
+    # long-ce: every target token of a step weighs the same; sequence: every document (THUDM's pack loss);
+    # mean: each micro-batch's token mean
+    loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "sequence", "mean"))
     max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row
 
 
@@ -249,6 +255,10 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"bad value for '{key}': {msg}")
 
     d, o, t, c, lg = cfg.data, cfg.optim, cfg.train, cfg.checkpoint, cfg.log
+    from engine.data.template import BUILTIN_TEMPLATES
+
+    names = [*BUILTIN_TEMPLATES, "longwriter"]
+    need(cfg.model.template in (None, *names), "template", f"unknown template; built-in: {', '.join(names)}")
     need(d.max_length > 0, "max_length", "must be > 0")
     need(0.0 <= d.split_dataset_ratio < 1.0, "split_dataset_ratio", "must be in [0, 1)")
     need(

@@ -33,27 +33,50 @@ def to_device(mb: dict, device) -> dict:
     }
 
 
+def document_weights(mb: dict) -> tuple[torch.Tensor, int]:
+    """ "sequence" loss: (B*T,) float64 weights, 1 / (its document's target count) on every target token and 0
+    elsewhere, and the number of documents with targets. Labels never cross a document (cu_seqlens)."""
+    is_target = mb["labels"].flatten() != -100
+    cu = mb["cu_seqlens"].long()
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())  # (B*T,) document of each token
+    counts = torch.zeros(len(cu) - 1, dtype=torch.float64).index_add_(0, seg, is_target.double())
+    weights = torch.where(is_target, 1.0 / counts[seg].clamp(min=1.0), 0.0)
+    return weights, int((counts > 0).sum())
+
+
 def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device, stop=None) -> dict:
     """Forward + backward of one optimizer step's micro-batches on this rank. Returns the global loss and
-    token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step is abandoned)."""
+    token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step is abandoned).
+
+    "sequence" (THUDM LongAlign / LongWriter's pack loss): every document of the step weighs the same,
+    loss = sum over documents of (its mean token loss) / (documents with targets in the step, all ranks);
+    the model's loss_fn must return per-token losses (reduction="none")."""
+    doc_w = [document_weights(mb) for mb in micro_batches] if loss_name == "sequence" else []
     local = [
         sum(mb["num_target_tokens"] for mb in micro_batches),
         sum(sum(mb["doc_lengths"]) for mb in micro_batches),
         sum(sum(n * n for n in mb["doc_lengths"]) for mb in micro_batches),
         sum(mb["num_target_tokens"] > 0 for mb in micro_batches),  # filler micro-batches have none
+        sum(n for _, n in doc_w),
     ]
-    n_target, n_tokens, sum_sq, n_nonempty = all_reduce_floats(local, device)
+    n_target, n_tokens, sum_sq, n_nonempty, n_docs = all_reduce_floats(local, device)
     denom = max(n_target, 1.0)
     n_mean = max(n_nonempty, 1.0)  # "mean" averages over the micro-batches that have targets
+    n_docs = max(n_docs, 1.0)
     acc = torch.zeros((), dtype=torch.float64, device=device)
-    for mb in micro_batches:
+    for k, mb in enumerate(micro_batches):
         if stop is not None and stop():
             return None
         b = to_device(mb, device)
         loss_sum = model(
             b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
         )
-        if loss_name == "long-ce":
+        if loss_name == "sequence":  # loss_sum: per-token losses (B*T,)
+            weights = doc_w[k][0].to(device, non_blocking=True)
+            doc_sum = (loss_sum.double() * weights).sum()  # sum over documents of their mean loss
+            loss = (doc_sum / n_docs).to(loss_sum.dtype)
+            acc += doc_sum.detach()
+        elif loss_name == "long-ce":
             loss = loss_sum / denom  # every target token of the global step weighs 1 / n_target
             acc += loss_sum.detach()
         else:  # "mean": each micro-batch's own token mean, then the mean over micro-batches and ranks
@@ -61,7 +84,7 @@ def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device
             acc += loss.detach() * n_mean
         loss.backward()
     dist.all_reduce(acc)
-    loss = acc.item() / (denom if loss_name == "long-ce" else n_mean)
+    loss = acc.item() / {"long-ce": denom, "sequence": n_docs}.get(loss_name, n_mean)
     return {"loss": loss, "num_tokens": int(n_target), "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
 
 
@@ -98,7 +121,7 @@ def evaluate(model, loader, device) -> float:
             b = to_device(mb, device)
             total += model(
                 b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
-            )
+            ).sum()  # per-token losses under loss_name "sequence"
             count += mb["num_target_tokens"]
     model.train()
     total_sum, count = all_reduce_floats([total.item(), count], device)

@@ -72,8 +72,10 @@ def build_sharded_model(cfg: Config, info: DistInfo):
         model = build_model(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
     # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
+    # "sequence" weighs each token by its document: the per-token losses ("none"); otherwise their sum
+    reduction = "none" if t.loss_name == "sequence" else "sum"
     model.loss_fn = functools.partial(
-        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False
+        kernels.linear_cross_entropy, reduction=reduction, impl=cfg.model.loss_impl, check_labels=False
     )
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
@@ -190,7 +192,9 @@ def train(cfg: Config, *, on_step=None) -> dict:
     from engine.data import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model)
+        tokenizer = load_tokenizer(
+            cfg.model.tokenizer or cfg.model.model, template=cfg.model.template, system=cfg.model.system
+        )
     except ValueError as e:  # e.g. a non-debug flavour name: random weights, but whose tokenizer?
         key = "tokenizer" if cfg.model.tokenizer else "model"
         raise ValueError(f"--{key}: {e}; give --tokenizer DIR|FILE for a flavour without one") from None
@@ -230,6 +234,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         f"{steps_per_epoch} steps/epoch, {total} steps" + (f", resumed from {resume}" if resume else "")
     )
     log.write(plan.format())
+    log.write(f"chat template: {tokenizer.chat_template.origin}")
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )

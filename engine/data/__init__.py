@@ -7,7 +7,7 @@
                         rank=rank, world_size=world, seed=42)
     for epoch ...: loader.set_epoch(epoch); for micro_batches in loader: ...
 
-Files: tokenizer.py (backends), chat.py (row formats, templates, label masks), dataset.py (jsonl,
+Files: tokenizer.py (backends), template.py (jinja chat templates, masks), chat.py (row formats), dataset.py (jsonl,
 validation, mixing, lazy length cache), packing.py (row plans, collation), loader.py (StepLoader).
 """
 

@@ -1,17 +1,12 @@
-"""Conversation rows -> normalised messages -> token ids with a trainable mask, per chat template.
+"""Conversation rows -> normalised messages -> token ids with a trainable mask (engine/data/template.py).
 
 Row formats accepted (extra top-level fields become metadata):
   messages   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}  (LongWriter, OpenAI)
   ShareGPT   {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}], "system"?}
   ms-swift   {"query": str, "response": str, "history": [[q, a], ...]?, "system"?}
 
-Templates (what is trained is marked [T]):
-  chatml  <|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n
-          <|im_start|>assistant\n[T]{a}<|im_end|>[T]\n ...     (default system "You are a helpful assistant.")
-  glm4    [gMASK]<sop><|system|>\n{sys}<|user|>\n{q}<|assistant|>[T]\n{a}[T]<|user|> ...
-          GLM-4 has no end-of-reply token: the next role token ends a reply, so it is trained, and after
-          the last reply "<|user|>" is appended and trained (GLM-4's own fine-tuning trains the "\n" after
-          <|assistant|> as well, since its generation prompt stops at <|assistant|>).
+The tokenizer's chat template (the checkpoint's own, or a built-in) renders them; what is trained is each
+assistant reply and the end-of-turn token after it (template.py says exactly how it is found).
 """
 
 from __future__ import annotations
@@ -20,10 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.data.template import encode_chats
 from engine.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -140,58 +135,11 @@ def _check_structure(messages: list[dict], prefix: str | None, offset_system: bo
         raise FieldError(field(len(messages) - 1, "role"), "conversation must end with an assistant reply")
 
 
-# A rendered conversation is a list of pieces: (text: str | None, special: str | None, trainable: bool).
-def render(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> list[tuple]:
-    pieces: list[tuple] = []
-    if template == "chatml":
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": QWEN_DEFAULT_SYSTEM}, *messages]
-        for m in messages:
-            train = m["role"] == "assistant"
-            pieces += [(None, "<|im_start|>", False), (m["role"] + "\n", None, False)]
-            pieces += [(m["content"], None, train), (None, "<|im_end|>", train), ("\n", None, False)]
-        if add_generation_prompt:
-            pieces += [(None, "<|im_start|>", False), ("assistant\n", None, False)]
-    elif template == "glm4":
-        pieces += [(None, "[gMASK]", False), (None, "<sop>", False)]
-        after_reply = False
-        for m in messages:
-            # The role token that follows a reply is that reply's end: train it.
-            pieces.append((None, f"<|{m['role']}|>", after_reply))
-            train = m["role"] == "assistant"
-            pieces.append(("\n" + m["content"], None, train))
-            after_reply = train
-        if add_generation_prompt:
-            pieces.append((None, "<|assistant|>", after_reply))
-        elif after_reply:
-            pieces.append((None, "<|user|>", True))
-    else:
-        raise ValueError(f"unknown chat template {template!r} (expected 'chatml' or 'glm4')")
-    return pieces
-
-
 def encode_conversations(
     tokenizer: Tokenizer, conversations: Sequence[Sequence[dict]]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Conversations -> [(input_ids int32[T], trainable bool[T])]; text pieces are encoded in one batch."""
-    return _encode_rendered(tokenizer, [render(tokenizer.template, msgs) for msgs in conversations])
-
-
-def _encode_rendered(
-    tokenizer: Tokenizer, rendered: list[list[tuple]]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    texts = [text for pieces in rendered for text, _, _ in pieces if text is not None]
-    encoded = iter(tokenizer.encode_batch(texts))
-    out = []
-    for pieces in rendered:
-        ids: list[int] = []
-        mask: list[bool] = []
-        for text, special, train in pieces:
-            toks = next(encoded) if text is not None else [tokenizer.token_id(special)]
-            ids += toks
-            mask += [train] * len(toks)
-        out.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)))
-    return out
+    """Conversations -> [(input_ids int32[T], trainable bool[T])] through the tokenizer's chat template."""
+    return encode_chats(tokenizer, tokenizer.chat_template, conversations)
 
 
 def aligned_labels(input_ids: np.ndarray, trainable: np.ndarray) -> np.ndarray:
@@ -203,10 +151,11 @@ def aligned_labels(input_ids: np.ndarray, trainable: np.ndarray) -> np.ndarray:
 
 
 def encode_generation_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
-    """The template up to and including the assistant role header (add_generation_prompt=True)."""
+    """The template up to and including the assistant role header (add_generation_prompt=True): the ids of
+    apply_chat_template(messages, add_generation_prompt=True, tokenize=True)."""
     msgs = [dict(m) for m in messages]
     for i, m in enumerate(msgs):
         if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}]: need a role in {ROLES} and string content, got {m!r}")
-    ((ids, _),) = _encode_rendered(tokenizer, [render(tokenizer.template, msgs, add_generation_prompt=True)])
+    ((ids, _),) = encode_chats(tokenizer, tokenizer.chat_template, [msgs], generation_prompt=True)
     return ids.tolist()

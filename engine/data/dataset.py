@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.data.chat import FieldError, aligned_labels, encode_conversations, normalize_row
+from engine.data.template import ChatTemplateError
 from engine.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Bump when the templates or the cached quantities change: cached lengths must match fresh tokenization.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _ENCODE_CHUNK = 256
 _MAX_REPORTED_ERRORS = 20
 
@@ -124,9 +125,11 @@ def _measure(tokenizer: Tokenizer, convs: list[list[dict]], keep_tokens: bool):
     targets = np.zeros(len(convs), dtype=np.int64)
     tokens = [] if keep_tokens else None
     for start in range(0, len(convs), _ENCODE_CHUNK):
-        for j, (ids, mask) in enumerate(
-            encode_conversations(tokenizer, convs[start : start + _ENCODE_CHUNK])
-        ):
+        try:
+            chunk = encode_conversations(tokenizer, convs[start : start + _ENCODE_CHUNK])
+        except ChatTemplateError as e:
+            raise ChatTemplateError(str(e), start + e.index) from None
+        for j, (ids, mask) in enumerate(chunk):
             lengths[start + j] = len(ids)
             targets[start + j] = int(mask[1:].sum())
             if tokens is not None:
@@ -151,7 +154,7 @@ def _load_source(
     cache_file = None
     if lazy and cache_dir:
         key = hashlib.sha256(
-            f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{tokenizer.template}|"
+            f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{tokenizer.chat_template.fingerprint}|"
             f"{_backend_versions()}".encode()
         ).hexdigest()[:32]
         cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
@@ -164,7 +167,10 @@ def _load_source(
         raw_len, targets = cached
         tokens = None
     else:
-        raw_len, targets, tokens = _measure(tokenizer, convs, keep_tokens=not lazy)
+        try:
+            raw_len, targets, tokens = _measure(tokenizer, convs, keep_tokens=not lazy)
+        except ChatTemplateError as e:  # a template that cannot render or mask this row: name the row
+            raise ValueError(f"{path}:{lines[e.index]}: {e}") from None
         if cache_file:
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{cache_file}.{os.getpid()}.tmp.npz"

@@ -1,12 +1,13 @@
 """config.json <-> ModelArgs and the weight-name tables between our modules and each checkpoint format.
 
-Formats: "qwen2" (Qwen2ForCausalLM), "glm" (GlmForCausalLM, glm-4-9b-chat-hf), "glm4" (Glm4ForCausalLM,
+Formats: "qwen2" (Qwen2ForCausalLM), "llama" (LlamaForCausalLM), "glm" (GlmForCausalLM, glm-4-9b-chat-hf), "glm4" (Glm4ForCausalLM,
 GLM-4-0414) and "chatglm" (THUDM glm-4-9b-chat remote code: fused query_key_value, dense_h_to_4h).
-Our parameter names are the HF names of qwen2 / glm / glm4, so those three convert by identity.
+Our parameter names are the HF names of qwen2 / llama / glm / glm4, so those convert by identity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from engine.models.args import ModelArgs
+from engine.models.args import ROPE_SCALING_TYPES, ModelArgs, RopeScaling
 
-FORMATS = ("qwen2", "glm", "glm4", "chatglm")
+FORMATS = ("qwen2", "llama", "glm", "glm4", "chatglm")
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
     "glm": "GlmForCausalLM",
     "glm4": "Glm4ForCausalLM",
     "chatglm": "ChatGLMModel",
@@ -41,18 +43,64 @@ def _eos_tuple(v) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, list | tuple) else (int(v),)
 
 
-def _rope(cfg: dict, path: str) -> tuple[float, float | None]:
-    """(rope_theta, partial_rotary_factor) from a legacy (top-level) or transformers-5 (rope_parameters)
-    config; any scaled rope type is refused rather than silently computed wrongly."""
+_SCALING_KEYS = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+# Keys transformers keeps in a rope dict that are not scaling parameters.
+_ROPE_OTHER_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def _rope(cfg: dict, path: str) -> tuple[float, float | None, RopeScaling | None]:
+    """(rope_theta, partial_rotary_factor, scaling) from a legacy (top-level rope_theta, rope_scaling) or a
+    transformers-5 (rope_parameters) config. Scaling types outside llama3 / yarn / dynamic, and keys of
+    theirs we do not model, are errors naming the key rather than a rotary computed wrongly."""
     rp = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    for d in (rp, scaling):
-        kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{path}: rope type {kind!r} is not supported (only default rotary)")
+    legacy = cfg.get("rope_scaling") or {}
     theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
     prf = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    return float(theta), prf
+    scaling = None
+    for key, d in (("rope_parameters", rp), ("rope_scaling", legacy)):
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind == "default":
+            continue
+        if kind not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"{path}: {key}.rope_type {kind!r} is not supported (default, {', '.join(ROPE_SCALING_TYPES)})"
+            )
+        unknown = sorted(set(d) - _SCALING_KEYS - _ROPE_OTHER_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: {key}.{unknown[0]} is not supported for rope_type {kind!r}")
+        kw = {k: v for k, v in d.items() if k in _SCALING_KEYS and v is not None}
+        if "factor" not in kw and kind != "yarn":
+            raise ValueError(f"{path}: {key}.factor is missing for rope_type {kind!r}")
+        # as transformers: the pretraining window defaults to max_position_embeddings
+        if kind in ("llama3", "yarn"):
+            kw.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 32768))
+        if kind == "yarn" and "factor" not in kw:
+            kw["factor"] = cfg.get("max_position_embeddings", 32768) / kw["original_max_position_embeddings"]
+        found = RopeScaling(rope_type=kind, **kw)
+        if scaling is not None and found != scaling:
+            raise ValueError(f"{path}: rope_parameters and rope_scaling disagree ({scaling} vs {found})")
+        scaling = found
+    return float(theta), prf, scaling
+
+
+_REQUIRED_SCALING_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "dynamic": ("factor",),
+}
+
+
+def _rope_dict(scaling: RopeScaling | None) -> dict:
+    """The scaling as config.json spells it: the type's required keys, plus yarn's non-default options."""
+    if scaling is None:
+        return {"rope_type": "default"}
+    out = {"rope_type": scaling.rope_type}
+    for f in dataclasses.fields(RopeScaling):
+        v = getattr(scaling, f.name)
+        required = f.name in _REQUIRED_SCALING_KEYS[scaling.rope_type]
+        if required or (scaling.rope_type == "yarn" and f.name != "rope_type" and v != f.default):
+            out[f.name] = v
+    return out
 
 
 def args_from_config(cfg: dict, path: str = "config.json") -> tuple[ModelArgs, str]:
@@ -92,15 +140,19 @@ def args_from_config(cfg: dict, path: str = "config.json") -> tuple[ModelArgs, s
             initializer_range=cfg.get("initializer_range", 0.02),
         )
         return args, "chatglm"
-    if mt not in ("qwen2", "glm", "glm4"):
+    if mt not in ("qwen2", "llama", "glm", "glm4"):
         raise ValueError(f"{path}: unknown model_type {mt!r}; supported: {FORMATS}")
+    if mt == "llama" and cfg.get("mlp_bias", False):
+        raise ValueError(f"{path}: mlp_bias=true is not supported")
+    if mt == "llama" and cfg.get("pretraining_tp", 1) != 1:
+        raise ValueError(f"{path}: pretraining_tp={cfg['pretraining_tp']!r} is not supported (need 1)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act={cfg['hidden_act']!r} is not supported (need silu)")
     if cfg.get("use_sliding_window", False):
         raise ValueError(f"{path}: use_sliding_window=true is not supported")
-    theta, prf = _rope(cfg, path)
+    theta, prf, scaling = _rope(cfg, path)
     heads = cfg["num_attention_heads"]
-    glm = mt != "qwen2"
+    glm = mt in ("glm", "glm4")
     hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
     args = ModelArgs(
         arch=mt,
@@ -115,7 +167,9 @@ def args_from_config(cfg: dict, path: str = "config.json") -> tuple[ModelArgs, s
         rope_theta=theta,
         rotary_dim=int(hd * (prf if prf is not None else (0.5 if glm else 1.0))),
         rope_layout="interleaved" if glm else "half",
-        qkv_bias=cfg.get("attention_bias", True) if glm else True,
+        rope_scaling=scaling,
+        # Qwen2 always has q/k/v bias; Llama's attention_bias defaults to false, GLM's to true
+        qkv_bias=True if mt == "qwen2" else cfg.get("attention_bias", mt != "llama"),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         eos_token_ids=_eos_tuple(cfg.get("eos_token_id")),
@@ -133,6 +187,8 @@ def config_from_args(args: ModelArgs, fmt: str, dtype: torch.dtype, base: dict |
     cfg = dict(base or {})
     dname = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     if fmt == "chatglm":
+        if args.rope_scaling is not None:
+            raise ValueError("the chatglm format has no rope scaling; save a scaled model as 'glm'")
         cfg.update(
             architectures=[ARCHITECTURES[fmt]],
             model_type="chatglm",
@@ -167,10 +223,11 @@ def config_from_args(args: ModelArgs, fmt: str, dtype: torch.dtype, base: dict |
             torch_dtype=dname,
         )
         return cfg
-    if fmt not in ("qwen2", "glm", "glm4"):
+    if fmt not in ("qwen2", "llama", "glm", "glm4"):
         raise ValueError(f"unknown checkpoint format {fmt!r}; supported: {FORMATS}")
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    cfg.pop("rope_scaling", None)
+    rope = {**_rope_dict(args.rope_scaling), "rope_theta": args.rope_theta}
+    # legacy rope_scaling for vLLM and transformers 4 (None when unscaled), rope_parameters for transformers 5
+    cfg["rope_scaling"] = _rope_dict(args.rope_scaling) if args.rope_scaling is not None else None
     cfg.update(
         architectures=[ARCHITECTURES[fmt]],
         model_type=fmt,
@@ -198,6 +255,8 @@ def config_from_args(args: ModelArgs, fmt: str, dtype: torch.dtype, base: dict |
         if args.rotary_dim != args.head_dim or args.head_dim * args.num_heads != args.hidden_size:
             raise ValueError("qwen2 format needs rotary_dim == head_dim == hidden_size / num_heads")
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.num_layers)
+    elif fmt == "llama":
+        cfg.update(head_dim=args.head_dim, attention_bias=args.qkv_bias, mlp_bias=False, pretraining_tp=1)
     else:
         prf = args.rotary_dim / args.head_dim
         rope["partial_rotary_factor"] = prf
@@ -268,7 +327,9 @@ def import_tensor(fmt: str, args: ModelArgs, key: str, t: torch.Tensor) -> list[
 
 def export_state(state: dict[str, torch.Tensor], args: ModelArgs, fmt: str) -> dict[str, torch.Tensor]:
     """Our full state dict -> checkpoint names and tensors of `fmt` (works on meta tensors too)."""
-    allowed = {"qwen2": ("qwen2",), "glm": ("glm", "chatglm"), "glm4": ("glm4",)}[args.arch]
+    allowed = {"qwen2": ("qwen2",), "llama": ("llama",), "glm": ("glm", "chatglm"), "glm4": ("glm4",)}[
+        args.arch
+    ]
     if fmt not in allowed:
         raise ValueError(f"a {args.arch} model cannot be saved as format {fmt!r}; choose one of {allowed}")
     if fmt != "chatglm":

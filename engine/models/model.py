@@ -20,10 +20,16 @@ from engine.models.attention import (
     position_ids_from_cu_seqlens,
 )
 from engine.models.glm4 import GlmBlock
-from engine.models.layers import RMSNorm, rotary_cos_sin
+from engine.models.layers import RMSNorm, document_lengths, rotary_cos_sin
 from engine.models.qwen2 import Qwen2Block
 
-BLOCKS: dict[str, type[nn.Module]] = {"qwen2": Qwen2Block, "glm": GlmBlock, "glm4": GlmBlock}
+# Llama is the Qwen2 block without q/k/v bias (args.qkv_bias): one module, no near-copy.
+BLOCKS: dict[str, type[nn.Module]] = {
+    "qwen2": Qwen2Block,
+    "llama": Qwen2Block,
+    "glm": GlmBlock,
+    "glm4": GlmBlock,
+}
 
 
 def default_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -46,7 +52,19 @@ class DecoderStack(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         x = self.embed_tokens(input_ids)  # (B, T, H)
-        rope = rotary_cos_sin(position_ids, a.rotary_dim, a.rope_theta, a.rope_layout, x.dtype)  # (B, T, rd)
+        lengths = None
+        if a.rope_scaling is not None and a.rope_scaling.rope_type == "dynamic":
+            lengths = document_lengths(position_ids, meta.cu_seqlens if meta is not None else None)
+        rope = rotary_cos_sin(
+            position_ids,
+            a.rotary_dim,
+            a.rope_theta,
+            a.rope_layout,
+            x.dtype,
+            scaling=a.rope_scaling,
+            max_position_embeddings=a.max_position_embeddings,
+            lengths=lengths,
+        )  # (B, T, rd) each
         for layer in self.layers:
             x = layer(x, rope, meta, cache)
         return self.norm(x)

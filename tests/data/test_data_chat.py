@@ -1,10 +1,11 @@
-"""Label masks of the ChatML (Qwen2) and GLM-4 templates, token by token against the template text."""
+"""Label masks of the built-in templates (qwen, glm4, llama3, longwriter), token by token against the template
+text; the checkpoint templates against transformers are in test_data_template.py."""
 
 import pytest
 
 from engine.data import encode_generation_prompt, load_tokenizer
 from engine.data.chat import aligned_labels, encode_conversations, normalize_row
-from engine.data.tokenizer import GLM4_CHAT_TEMPLATE
+from engine.data.template import BUILTIN_TEMPLATES
 
 EN_LONG = "# Lighthouses\n\nLighthouses guided ships for centuries.\n\n  Keepers lived in them.   "
 ZH_LONG = "# 长城的历史\n\n长城是中国古代的军事防御工程。人们围绕长城重新认识了社会的记忆。"
@@ -48,12 +49,30 @@ def labelled_spans(ids, labels):
 
 def expected_spans(template, messages):
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    if template == "chatml":
+    if template == "qwen":
         return [r + "<|im_end|>" for r in replies]
+    if template == "llama3":
+        return [r + "<|eot_id|>" for r in replies]
     return ["\n" + r + "<|user|>" for r in replies]
 
 
-@pytest.fixture(scope="module", params=["debug-qwen2", "debug-glm4", "glm4-tiktoken"])
+def expected_text(template, messages):
+    if template == "qwen":
+        sys = (
+            ""
+            if messages[0]["role"] == "system"
+            else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        )
+        return sys + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    if template == "llama3":
+        turns = "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages
+        )
+        return "<|begin_of_text|>" + turns
+    return "[gMASK]<sop>" + "".join(f"<|{m['role']}|>\n{m['content']}" for m in messages) + "<|user|>"
+
+
+@pytest.fixture(scope="module", params=["debug-qwen2", "debug-glm4", "glm4-tiktoken", "debug-llama"])
 def tok(request, tmp_path_factory):
     if request.param == "glm4-tiktoken":
         import base64
@@ -82,22 +101,12 @@ def test_labels_cover_exactly_the_replies(tok, name):
     spans = labelled_spans(ids.tolist(), labels.tolist())
     assert [tok.decode(s) for s in spans] == expected_spans(tok.template, messages)
     # Everything else is prompt: the whole rendering decodes to the template text.
-    text = tok.decode(ids.tolist())
-    if tok.template == "chatml":
-        sys = (
-            ""
-            if messages[0]["role"] == "system"
-            else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        )
-        rendered = sys + "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    else:
-        rendered = "[gMASK]<sop>" + "".join(f"<|{m['role']}|>\n{m['content']}" for m in messages) + "<|user|>"
-    assert text == rendered
+    assert tok.decode(ids.tolist()) == expected_text(tok.template, messages)
     # Special tokens inside user text stay text.
     n_special = sum(1 for i in ids.tolist() if i in set(tok.special_tokens.values()))
-    per_msg = 2 if tok.template == "chatml" else 1
-    n_msgs = len(messages) + (tok.template == "chatml" and messages[0]["role"] != "system")
-    assert n_special == per_msg * n_msgs + (3 if tok.template == "glm4" else 0)
+    per_msg = {"qwen": 2, "glm4": 1, "llama3": 3}[tok.template]
+    n_msgs = len(messages) + (tok.template == "qwen" and messages[0]["role"] != "system")
+    assert n_special == per_msg * n_msgs + {"qwen": 0, "glm4": 3, "llama3": 1}[tok.template]
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
@@ -127,7 +136,7 @@ def test_glm4_generation_prompt_matches_its_template():
     tok = load_tokenizer("debug-glm4")
     prompt = CONVERSATIONS["zh_single_system"][:-1]
     ids = encode_generation_prompt(tok, prompt)
-    want = jinja2.Template(GLM4_CHAT_TEMPLATE).render(messages=prompt, add_generation_prompt=True)
+    want = jinja2.Template(BUILTIN_TEMPLATES["glm4"]).render(messages=prompt, add_generation_prompt=True)
     assert tok.decode(ids) == want
     assert ids[:2] == [tok.token_id("[gMASK]"), tok.token_id("<sop>")]
     assert ids[-1] == tok.token_id("<|assistant|>")
@@ -153,3 +162,37 @@ def test_row_formats_normalise_to_the_same_messages():
     assert normalize_row(sharegpt) == (msgs, {"id": 7})
     assert normalize_row(swift) == (msgs, {})
     assert normalize_row(openai) == (msgs, {"length": 300, "response_length": 1200})
+
+
+def test_longwriter_reproduces_thudm_train_tokenization():
+    """THUDM/LongWriter train/pre_tokenize_glm4.py and pre_tokenize_llama3.py, rebuilt from their code."""
+    msgs = CONVERSATIONS["mixed_multi_turn"]
+    glm = load_tokenizer("debug-glm4", template="longwriter")
+    assert glm.template == "longwriter_glm4"
+    ((ids, mask),) = encode_conversations(glm, [msgs])
+    # THUDM: [gMASK]<sop>, then per message <|role|> + tokens(metadata + "\n" + content), then EOS; labels on
+    # each reply's "\n" + content and the token after it (the next role token, EOS after the last reply)
+    want, labels = [glm.token_id("[gMASK]"), glm.token_id("<sop>")], []
+    for m in msgs:
+        start = len(want)
+        want += [glm.token_id(f"<|{m['role']}|>"), *glm.encode("\n" + m["content"])]
+        if m["role"] == "assistant":
+            labels += list(range(start + 1, len(want) + 1))
+    want.append(glm.token_id("<|endoftext|>"))
+    assert ids.tolist() == want and mask.nonzero()[0].tolist() == labels
+    llama = load_tokenizer("debug-llama", template="longwriter")
+    assert llama.template == "longwriter_llama"
+    ((ids, mask),) = encode_conversations(llama, [msgs])
+    # THUDM: BOS, "<<SYS>>\n{s}\n<</SYS>>\n\n", "[INST]{q}[/INST]", the reply, each tokenized alone, EOS after
+    # the reply (the 8b model's data are single-turn; here every reply ends with it)
+    want, labels = [llama.token_id("<|begin_of_text|>")], []
+    for m in msgs:
+        if m["role"] == "system":
+            want += llama.encode(f"<<SYS>>\n{m['content']}\n<</SYS>>\n\n")
+        elif m["role"] == "user":
+            want += llama.encode(f"[INST]{m['content']}[/INST]")
+        else:
+            start = len(want)
+            want += [*llama.encode(m["content"]), llama.token_id("<|end_of_text|>")]
+            labels += list(range(start, len(want)))
+    assert ids.tolist() == want and mask.nonzero()[0].tolist() == labels

@@ -3,7 +3,7 @@ import base64
 import pytest
 
 from engine.data import load_tokenizer
-from engine.data.tokenizer import GLM4_SPECIAL_TOKENS
+from engine.data.tokenizer import GLM4_SPECIAL_TOKENS, LLAMA3_SPECIAL_TOKENS
 
 TEXTS = [
     "Hello, world!",
@@ -13,7 +13,9 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("flavour,template", [("debug-qwen2", "chatml"), ("debug-glm4", "glm4")])
+@pytest.mark.parametrize(
+    "flavour,template", [("debug-qwen2", "qwen"), ("debug-glm4", "glm4"), ("debug-llama", "llama3")]
+)
 def test_debug_tokenizer_bytes_and_specials(flavour, template):
     tok = load_tokenizer(flavour)
     assert tok.template == template
@@ -23,9 +25,14 @@ def test_debug_tokenizer_bytes_and_specials(flavour, template):
         assert ids == list(text.encode("utf-8"))  # ids 0..255 are the bytes; specials never parsed
         assert tok.decode(ids) == text
     first_special = 256
-    if template == "chatml":
+    if template == "qwen":
         assert tok.token_id("<|endoftext|>") == first_special
         assert tok.token_id("<|im_end|>") in tok.eos_token_ids
+    elif template == "llama3":
+        assert [tok.token_id(t) for t in LLAMA3_SPECIAL_TOKENS] == list(
+            range(256, 256 + len(LLAMA3_SPECIAL_TOKENS))
+        )
+        assert tok.eos_token_ids[0] == tok.token_id("<|eot_id|>")
     else:
         assert [tok.token_id(t) for t in GLM4_SPECIAL_TOKENS] == list(
             range(256, 256 + len(GLM4_SPECIAL_TOKENS))
@@ -38,7 +45,7 @@ def test_debug_tokenizer_bytes_and_specials(flavour, template):
     assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[2]) == list(TEXTS[2].encode())
 
 
-@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4"])
+@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4", "debug-llama"])
 def test_debug_tokenizer_saves_for_transformers(flavour, tmp_path):
     from transformers import AutoTokenizer
 
@@ -49,7 +56,9 @@ def test_debug_tokenizer_saves_for_transformers(flavour, tmp_path):
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
         assert hf.decode(tok.encode(text)) == text
     again = load_tokenizer(str(tmp_path))
-    assert again.template == tok.template
+    # the saved template is the one trained, now read from the saved tokenizer_config.json
+    assert again.chat_template.source == tok.chat_template.source and again.family == tok.family
+    assert again.template == str(tmp_path / "tokenizer_config.json")
     assert again.eos_token_ids == tok.eos_token_ids
     assert again.special_tokens == tok.special_tokens
     assert again.fingerprint == tok.fingerprint
@@ -97,7 +106,8 @@ def test_glm4_tiktoken_saves_an_equivalent_tokenizer_json(tmp_path):
     tok.save_pretrained(str(out))
     hf = AutoTokenizer.from_pretrained(str(out))
     again = load_tokenizer(str(out))  # now the tokenizer.json
-    assert again.template == "glm4" and again.special_tokens == tok.special_tokens
+    assert again.family == "glm4" and again.chat_template.source == tok.chat_template.source
+    assert again.special_tokens == tok.special_tokens
     assert again.eos_token_ids == tok.eos_token_ids
     for text in [*TEXTS, "Hello hello HELLO llo 长长城\n\n\nHe's 12345 done!!"]:
         ids = tok.encode(text)
@@ -122,7 +132,7 @@ def test_sentencepiece_tokenizer(tmp_path):
         minloglevel=2,
     )
     tok = load_tokenizer(str(prefix) + ".model")
-    assert tok.template == "chatml"
+    assert tok.template == "qwen"
     assert tok.token_id("<|im_end|>") in tok.eos_token_ids
     ids = tok.encode("hello world")
     assert tok.decode(ids) == "hello world"
@@ -158,13 +168,13 @@ def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [258, 256]}))
     tok = load_tokenizer(str(tmp_path))
-    assert tok.template == "chatml"
+    assert tok.template == "qwen"
     assert [tok.token_id(t) for t in specials] == [256, 257, 258]
     assert tok.eos_token_ids[0] == 258 and set(tok.eos_token_ids) == {256, 258}
     assert tok.encode("<|im_end|>") == list(b"<|im_end|>")
 
 
-@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4"])
+@pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4", "debug-llama"])
 def test_debug_tokenizer_agrees_with_the_debug_model(flavour):
     import engine.models as models
 

@@ -10,13 +10,58 @@ from engine.models.hf_config import args_from_config
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
-# name -> (HF class, config class, config kwargs). Covers qkv bias on/off, tied embeddings, GQA 2:1 and 4:1.
+# name -> (HF class, config class, config kwargs). Covers qkv bias on/off, tied embeddings, GQA 2:1 and 4:1,
+# and the rope scalings llama3, yarn and dynamic.
 CASES = {
     "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config, dict(num_key_value_heads=2, rope_theta=1e6)),
     "qwen2.5-tied": (
         tf.Qwen2ForCausalLM,
         tf.Qwen2Config,
         dict(num_key_value_heads=1, rope_theta=1e6, tie_word_embeddings=True),
+    ),
+    # Llama 3.1: no q/k/v bias, untied, llama3 scaling with a 64-token window (wavelengths 6..2e4 cross all
+    # three bands); the tied variant without scaling.
+    "llama3.1": (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig,
+        dict(
+            num_key_value_heads=2,
+            rope_theta=1e4,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
+    "llama-tied": (
+        tf.LlamaForCausalLM,
+        tf.LlamaConfig,
+        dict(num_key_value_heads=1, rope_theta=5e5, tie_word_embeddings=True),
+    ),
+    # Qwen2 past its window as the Qwen2 / Qwen2.5 cards configure it (yarn), and dynamic NTK; windows of 8
+    # positions so the 9-17 token test documents are past them.
+    "qwen2-yarn": (
+        tf.Qwen2ForCausalLM,
+        tf.Qwen2Config,
+        dict(
+            num_key_value_heads=2,
+            rope_theta=1e6,
+            max_position_embeddings=32,
+            rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=8),
+        ),
+    ),
+    "qwen2-dynamic": (
+        tf.Qwen2ForCausalLM,
+        tf.Qwen2Config,
+        dict(
+            num_key_value_heads=2,
+            rope_theta=1e4,
+            max_position_embeddings=8,
+            rope_scaling=dict(rope_type="dynamic", factor=2.0),
+        ),
     ),
     "glm": (
         tf.GlmForCausalLM,

@@ -179,7 +179,7 @@ def test_tokenizer_is_saved_and_meta_load_validates(tmp_path):
 def test_debug_flavours_match_the_data_tokenizer():
     from engine.data import load_tokenizer
 
-    for name in ("debug-qwen2", "debug-glm4"):
+    for name in ("debug-qwen2", "debug-glm4", "debug-llama"):
         tok = load_tokenizer(name)
         assert tuple(FLAVOURS[name].eos_token_ids) == tuple(tok.eos_token_ids)
         assert tok.vocab_size <= FLAVOURS[name].vocab_size
@@ -243,9 +243,9 @@ def test_truncated_shard_is_named(ckpt):
 
 def test_unknown_model_type(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "mistral"
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="config.json: unknown model_type 'llama'"):
+    with pytest.raises(ValueError, match="config.json: unknown model_type 'mistral'"):
         load_pretrained(ckpt)
 
 
@@ -331,7 +331,7 @@ def test_save_accepts_wrapped_names_and_rejects_foreign_state(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("name", ["debug-qwen2", "debug-glm4"])
+@pytest.mark.parametrize("name", ["debug-qwen2", "debug-glm4", "debug-llama"])
 def test_export_writes_a_tokenizer_that_transformers_loads(name, tmp_path):
     from engine.data import load_tokenizer
 
@@ -353,6 +353,7 @@ def test_export_writes_a_tokenizer_that_transformers_loads(name, tmp_path):
 
 
 def test_rope_base_and_layout_come_from_config_json():
+    from engine.models.args import RopeScaling
     from engine.models.hf_config import args_from_config
 
     base = COMMON | dict(num_key_value_heads=2, rms_norm_eps=1e-6)
@@ -369,7 +370,29 @@ def test_rope_base_and_layout_come_from_config_json():
     args, fmt = args_from_config(chatglm | dict(rope_ratio=500))
     assert fmt == "chatglm" and args.rope_theta == 5e6 and args.rotary_dim == 8 and args.num_kv_heads == 2
     assert args_from_config(chatglm)[0].rope_theta == 1e4  # no rope_ratio: base 10000
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
-        args_from_config(base | dict(model_type="qwen2", rope_scaling={"type": "yarn", "factor": 4.0}))
+    # Legacy rope_scaling spellings as the public configs write them (Qwen2 past 32k, Llama 3.1).
+    yarn, _ = args_from_config(base | dict(model_type="qwen2", max_position_embeddings=32768, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))  # fmt: skip
+    assert yarn.rope_scaling == RopeScaling("yarn", 4.0, 32768)
+    llama, fmt = args_from_config(base | dict(model_type="llama", max_position_embeddings=131072, rope_scaling={
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        "rope_type": "llama3"}))  # fmt: skip
+    assert fmt == "llama" and not llama.qkv_bias and llama.rope_scaling == RopeScaling("llama3", 8.0, 8192)
+    dyn, _ = args_from_config(
+        base | dict(model_type="qwen2", rope_scaling={"type": "dynamic", "factor": 2.0})
+    )
+    assert dyn.rope_scaling.rope_type == "dynamic" and dyn.rope_scaling.factor == 2.0
+    # Unknown types and keys stay errors naming the key (never a rotary silently computed wrongly).
+    with pytest.raises(ValueError, match=r"rope_scaling.rope_type 'longrope' is not supported"):
+        args_from_config(base | dict(model_type="qwen2", rope_scaling={"type": "longrope", "factor": 4.0}))
+    with pytest.raises(ValueError, match=r"rope_parameters.rope_type 'linear' is not supported"):
+        args_from_config(
+            base | dict(model_type="llama", rope_parameters={"rope_type": "linear", "factor": 2.0})
+        )
+    with pytest.raises(ValueError, match=r"rope_scaling.short_factor is not supported"):
+        args_from_config(base | dict(model_type="qwen2", rope_scaling={
+            "type": "yarn", "factor": 4.0, "short_factor": [1.0]}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"rope_scaling.factor is missing"):
+        args_from_config(base | dict(model_type="llama", rope_scaling={"rope_type": "dynamic"}))
     with pytest.raises(ValueError, match="rmsnorm=False is not supported"):
         args_from_config(chatglm | dict(rmsnorm=False))

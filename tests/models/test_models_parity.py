@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,10 @@ def test_packed_documents_match_each_document_alone(case, give_cu):
         starts = cu.tolist()
         assert len(starts) - 1 == 6  # the test really crosses document boundaries
         for s, e in zip(starts[:-1], starts[1:]):
-            ref = hf(flat_ids[s:e][None]).logits[0]
+            # transformers' dynamic rope keeps the longest length it has seen (until one below the window):
+            # a fresh model per document is the document alone
+            ref_model = hf_model(case) if "dynamic" in case else hf
+            ref = ref_model(flat_ids[s:e][None]).logits[0]
             assert (flat_got[s:e] - ref).abs().max() <= 1e-5
 
 
@@ -81,6 +86,7 @@ def test_default_loss_is_summed_cross_entropy(name):
 
 def test_meta_build_of_real_flavours_allocates_nothing():
     known = {"qwen2-7b": 7_615_616_512, "qwen2.5-0.5b": 494_032_768, "glm4-9b": 9_399_951_360}
+    known["llama3.1-8b"] = 8_030_261_248  # Meta-Llama-3.1-8B's published parameter count
     for name, total in known.items():
         model = build_model(name, dtype=torch.bfloat16, device="meta")
         assert all(p.is_meta for p in model.parameters())
@@ -220,3 +226,27 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_each_rope_scaling_changes_the_frequencies():
+    """The parity cases above only prove the scalings if they change the rotary: check that they do."""
+    from engine.models.args import RopeScaling
+    from engine.models.layers import rope_inv_freq, rotary_cos_sin
+
+    plain, one = rope_inv_freq(16, 1e4)
+    assert one == 1.0
+    llama3, f = rope_inv_freq(16, 1e4, RopeScaling("llama3", 8.0, 64))
+    kept, divided = (llama3 == plain), torch.isclose(llama3, plain / 8)
+    assert f == 1.0 and kept.any() and divided.any() and (~kept & ~divided).any()  # all three bands
+    yarn, f = rope_inv_freq(16, 1e6, RopeScaling("yarn", 4.0, 8))
+    assert f == pytest.approx(0.1 * math.log(4.0) + 1) and not torch.equal(yarn, plain)
+    pos = torch.arange(12)[None]
+    lengths = torch.full((1, 12), 12)
+    dyn = RopeScaling("dynamic", 2.0)
+    cos_d, _ = rotary_cos_sin(pos, 16, 1e4, "half", torch.float32, scaling=dyn, max_position_embeddings=8,
+                              lengths=lengths)  # fmt: skip
+    cos_p, _ = rotary_cos_sin(pos, 16, 1e4, "half", torch.float32)
+    assert not torch.allclose(cos_d, cos_p)
+    short, _ = rotary_cos_sin(pos, 16, 1e4, "half", torch.float32, scaling=dyn, max_position_embeddings=16,
+                              lengths=lengths)  # fmt: skip
+    assert torch.equal(short, cos_p)  # within the window dynamic is the plain rotary

@@ -28,17 +28,18 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
-def test_world_size_invariance(tmp_path):
-    """1 rank x 4 micro-batches == 2 ranks x 2 micro-batches: losses, clipped global grad norms, weights.
+@pytest.mark.parametrize("loss_name", ["long-ce", pytest.param("sequence", marks=pytest.mark.slow)])
+def test_world_size_invariance(tmp_path, loss_name):
+    """1 rank x 4 micro-batches == 2 ranks x 2 micro-batches: losses, clipped global grad norms, weights
+    (long-ce: every target token weighs the same; sequence: every document, counted over both ranks).
     max_grad_norm 0.5 makes every step clip, so the DTensor-sharded norm is checked against one process.
     15 samples pack into 13 rows: step 4 holds 1 row and 3 filler rows, so in the 2-rank run rank 1 runs
     two all-filler micro-batches (no target) and must still join every collective."""
     data = make_dataset(tmp_path / "train15.jsonl", n=15)
     one, two = tmp_path / "one", tmp_path / "two"
-    run_inprocess(base_args(data, one, gradient_accumulation_steps=4, save_final=True, final_dtype="float32"))
-    run_torchrun(
-        2, base_args(data, two, gradient_accumulation_steps=2, save_final=True, final_dtype="float32")
-    )
+    kw = dict(save_final=True, final_dtype="float32", loss_name=loss_name)
+    run_inprocess(base_args(data, one, gradient_accumulation_steps=4, **kw))
+    run_torchrun(2, base_args(data, two, gradient_accumulation_steps=2, **kw))
     s1, s2 = train_steps(one), train_steps(two)
     assert len(s1) == len(s2) == 4
     for a, b in zip(s1, s2):

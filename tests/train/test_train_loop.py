@@ -4,6 +4,7 @@ SIGTERM, HF export vs transformers, skip-on-NaN, clear errors."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -205,8 +206,8 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_an_error(data, tmp_path, 
 
     real = engine.data.load_tokenizer
 
-    def too_big(name):
-        tok = real(name)
+    def too_big(name, **kw):
+        tok = real(name, **kw)
         monkeypatch.setattr(type(tok), "vocab_size", property(lambda self: 513))  # debug model: 512 rows
         return tok
 
@@ -284,6 +285,27 @@ def test_glm4_flavour_trains_and_exports(data, tmp_path):
     steps = train_steps(tmp_path)
     assert len(steps) == 3 and steps[-1]["loss"] < steps[0]["loss"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(PROBE_IDS).logits.float()
+    torch.testing.assert_close(logits, s["probe"], rtol=1e-4, atol=1e-4)
+
+
+def test_llama_longwriter_template_and_sequence_loss_train_and_export(data, tmp_path, capsys):
+    """debug-llama (Llama-3.1 block, llama3 rope scaling) with --template longwriter (THUDM's [INST] format)
+    and --loss_name sequence; the log names the template, the export carries it and loads in transformers."""
+    transformers = pytest.importorskip("transformers")
+    from engine.data.template import BUILTIN_TEMPLATES
+
+    argv = base_args(data, tmp_path, model="debug-llama", max_steps=2, save_final=True, final_dtype="float32",
+                     template="longwriter", loss_name="sequence")  # fmt: skip
+    s = run_inprocess(argv, probe=_logits)
+    steps = train_steps(tmp_path)
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    cfg = json.loads((tmp_path / "final" / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == BUILTIN_TEMPLATES["longwriter_llama"]
+    assert "chat template: built-in longwriter_llama (--template)" in capsys.readouterr().err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"), torch_dtype=torch.float32)
+    assert type(hf).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         logits = hf(PROBE_IDS).logits.float()
     torch.testing.assert_close(logits, s["probe"], rtol=1e-4, atol=1e-4)

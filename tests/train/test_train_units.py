@@ -87,7 +87,8 @@ def test_every_flag_of_the_issues_exists():
     [
         ("dataset: a\nlearnin_rate: 1\n", [], "unknown key 'learnin_rate' in config file"),
         ("dataset: a\nbatch_size: 1.5\n", [], "'batch_size' .*config file"),
-        ("dataset: a\n", ["--loss_name", "ce"], "'loss_name'.*long-ce, mean"),
+        ("dataset: a\n", ["--loss_name", "ce"], "'loss_name'.*long-ce, sequence, mean"),
+        ("dataset: a\n", ["--template", "qwen3"], "'template'.*qwen2_5.*longwriter"),
         ("dataset: a\n", ["--warmup_ratio", "2"], "'warmup_ratio'"),
         ("dataset: a\n", ["--no_such_flag", "1"], "unknown flag --no_such_flag"),
         ("dataset: a\n", ["--gradient_checkpointing", "maybe"], "'gradient_checkpointing'"),
@@ -114,6 +115,13 @@ def test_example_configs_parse():
     assert main.train.gradient_accumulation_steps == 64 and main.train.gradient_checkpointing
     anneal = parse_config(["--config", str(REPO / "examples/longwriter_qwen2_7b_anneal.yaml")])
     assert anneal.optim.learning_rate == 2e-6 and anneal.checkpoint.resume_only_model
+    for cfg in (
+        parse_config(["--config", str(f)]) for f in files if f.suffix == ".yaml"
+    ):  # the published recipe
+        assert (cfg.optim.adam_beta1, cfg.optim.adam_beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
+    llama = parse_config(["--config", str(REPO / "examples/longwriter_llama3_1_8b.yaml")])
+    assert llama.model.template == "longwriter" and llama.train.loss_name == "sequence" and llama.data.packing
+    assert llama.data.dataset == ["data/longwriter-6k.jsonl", "data/general_sft.jsonl#120000"]  # 1:20 with 6k
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -278,6 +286,44 @@ def test_long_ce_invariant_to_micro_batch_split(pg, loss_name):
         assert o4["loss"] != pytest.approx(o1["loss"], rel=1e-3) and not same
 
 
+def test_sequence_loss_weighs_every_document_the_same(pg):
+    """--loss_name sequence (THUDM's pack loss): the mean over the step's documents of each document's mean
+    token loss, whatever the split into micro-batches (and ranks: the document count is all-reduced)."""
+    import functools
+
+    import kernels
+    from engine.data import collate_rows
+    from engine.step import forward_backward
+
+    torch.manual_seed(0)
+    model = build_model("debug-qwen2")
+    model.loss_fn = functools.partial(kernels.linear_cross_entropy, reduction="none", impl="torch")
+    rows = _micro([[5, 30], [80], [3, 3, 9], [40, 41]])
+    filler = [(ids, np.full_like(lab, -100)) for ids, lab in _micro([[12]], seed=1)[0]]
+
+    def run(batches):
+        model.zero_grad()
+        mbs = [collate_rows(b, pad_token_id=0) for b in batches]
+        out = forward_backward(model, mbs, loss_name="sequence", device=torch.device("cpu"))
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (o1, g1), (o4, g4) = run([rows]), run([[r] for r in rows] + [[filler]])
+    assert o4["loss"] == pytest.approx(o1["loss"], rel=1e-6)
+    assert all(torch.allclose(g1[n], g4[n], rtol=1e-5, atol=1e-7) for n in g1)
+    # the reference: each document alone, its token-mean cross-entropy, averaged over documents
+    model.zero_grad()
+    docs = [d for row in rows for d in row]
+    assert len(docs) == 8 and all((lab != -100).any() for _, lab in docs)
+    ref = 0.0
+    for ids, lab in docs:
+        logits = model(torch.as_tensor(ids)[None].long())[0]
+        tgt = torch.as_tensor(lab).long()  # labels as the micro-batch holds them (already aligned)
+        ref = ref + torch.nn.functional.cross_entropy(logits.float(), tgt, ignore_index=-100) / len(docs)
+    ref.backward()
+    assert o1["loss"] == pytest.approx(ref.item(), rel=1e-6)
+    assert all(torch.allclose(g1[n], p.grad, rtol=1e-4, atol=1e-7) for n, p in model.named_parameters())
+
+
 def test_mean_loss_ignores_filler_micro_batches(pg):
     # The loader pads a short last step with all-ignored filler rows: "mean" must average over the
     # micro-batches that have targets only, or the filler would pull the loss and gradients towards 0.
@@ -313,6 +359,14 @@ def test_memory_plan_qwen2_7b_on_4_a100():
     torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
     assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
     assert "total" in ac.format()
+
+
+def test_memory_plan_llama3_1_8b_on_8_gpus():
+    args = FLAVOURS["llama3.1-8b"]
+    plan = plan_memory(args, world_size=8, tokens_per_micro_batch=32768, gradient_checkpointing=True)
+    assert 30 < plan.total / 2**30 < 80  # fits an 80 GB GPU
+    assert plan.params == args.num_params() * 4 / 8
+    assert f"{plan.gib()['total']:.1f} GiB" in (REPO / "examples/longwriter_llama3_1_8b.yaml").read_text()
 
 
 # ------------------------------------------------------------------ checkpoints on disk
