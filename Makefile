@@ -14,6 +14,9 @@ $(BIN)/.installed: setup.py pyproject.toml
 	# torch==2.13.0 resolves to the CPU build on CPU-only machines and to the CUDA build on GPU nodes.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# Test data only: dashscope ships qwen.tiktoken, the real Qwen2 BPE ranks the template tests rebuild (never
+	# imported; --no-deps skips its heavy server stack).
+	$(BIN)/pip install -q --no-deps dashscope==2.0.2
 	touch $@
 
 demo: install

@@ -40,7 +40,6 @@ setup(
             "accelerate>=1.0",
             "ruff>=0.6",
             "matplotlib>=3.8",
-            "dashscope",  # ships qwen.tiktoken: the real Qwen2 BPE ranks the template tests rebuild
         ],
     },
 )
