@@ -12,12 +12,14 @@ validation, mixing, lazy length cache), packing.py (row plans, collation), loade
 """
 
 from engine.data.chat import encode_generation_prompt
-from engine.data.dataset import SFTDataset, build_dataset, split_dataset
+from engine.data.dataset import SFT_FORMAT, RowFormat, SFTDataset, build_dataset, split_dataset
 from engine.data.loader import StepLoader
 from engine.data.packing import collate_rows, pack_lengths, packing_efficiency
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "SFT_FORMAT",
+    "RowFormat",
     "SFTDataset",
     "StepLoader",
     "Tokenizer",
