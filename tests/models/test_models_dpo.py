@@ -62,13 +62,13 @@ def packed(pairs, rows_of_pairs: list[list[int]]) -> dict:
 
 def hf_logps(hf, docs, grad: bool = False) -> torch.Tensor:
     """Transformers' per-document response log-probs: log_softmax(logits) gathered at the labels, summed."""
-    out = []
+    out, dev = [], next(hf.parameters()).device
     with torch.set_grad_enabled(grad):
         for ids, labels in docs:
-            logits = hf(input_ids=torch.from_numpy(ids)[None]).logits[0].float()  # [T, V]
-            lab = torch.from_numpy(labels)
+            logits = hf(input_ids=torch.from_numpy(ids)[None].to(dev)).logits[0].float()  # [T, V]
+            lab = torch.from_numpy(labels).to(dev)
             keep = lab != -100
-            out.append(F.log_softmax(logits, -1)[keep].gather(1, lab[keep, None]).sum().double())
+            out.append(F.log_softmax(logits, -1)[keep].gather(1, lab[keep, None]).sum().double().cpu())
     return torch.stack(out)
 
 
@@ -165,3 +165,29 @@ def test_step_loss_and_grads_equal_trl_on_transformers_log_probs(pg, case, varia
         assert (g - ref_g).norm() <= 1e-4 * ref_g.norm() and ref_g.norm() > 0, name
         torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-4 * ref_g.abs().max().item(), msg=name)
     assert all(p.grad is None for p in ref_model.parameters())  # the reference gets no gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["qwen2", "glm4"])
+def test_bf16_cuda_log_probs_and_an_exact_first_step(case):
+    """CUDA bf16 through the Triton kernel (the CPU twin of this is test_packed_log_probs_equal_transformers):
+    the per-sequence log-probs are judged by their error against the fp32 truth next to transformers' own
+    bf16 error, and the grad-enabled forward (the policy) equals the no_grad one (a reference with the same
+    weights) bit for bit, which is what makes the first DPO step exactly ln 2 on GPU too."""
+    pairs = make_pairs(5)
+    docs = [d for p in pairs for d in p]
+    mb = packed(pairs, [[0, 1, 2], [3, 4]])
+    tok_doc, doc_targets = document_index(mb)
+    truth = hf_logps(hf_model(case).cuda(), docs)  # fp32
+    hf16 = hf_model(case, dtype=torch.bfloat16).cuda()
+    ref_err = (hf_logps(hf16, docs) - truth).abs().max()
+    model = ours_from_hf(hf16, dtype=torch.bfloat16, attn_impl="auto").cuda()
+    model.loss_fn = functools.partial(kernels.linear_cross_entropy, reduction="none", impl="auto")
+    batch = to_device(mb, "cuda")
+    with torch.no_grad():
+        frozen = document_log_probs(model, batch, tok_doc, len(doc_targets))
+    policy = document_log_probs(model, batch, tok_doc, len(doc_targets))
+    policy.sum().backward()
+    assert torch.equal(policy.detach(), frozen)
+    err = (frozen.cpu() - truth).abs().max()
+    assert err <= 2 * ref_err + 1e-2, (err, ref_err)

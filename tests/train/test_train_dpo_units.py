@@ -166,3 +166,17 @@ def test_memory_plan_of_a_dpo_run():
     assert "reference" in res.format()
     with pytest.raises(ValueError):
         plan_memory(args, **kw, reference="both")
+
+
+def test_dpo_example_recipe():
+    from pathlib import Path
+
+    f = Path(__file__).resolve().parents[2] / "examples/longwriter_glm4_9b_dpo.yaml"
+    cfg = parse_config(["--config", str(f)])
+    assert (cfg.rlhf.rlhf_type, cfg.train.max_steps, cfg.rlhf.precompute_ref_log_probs) == ("dpo", 250, True)
+    assert cfg.train.neftune_noise_alpha == 0 and cfg.data.packing and len(cfg.data.dataset) == 2
+    # the comment quotes `python -m engine.memory` for both reference modes
+    kw = dict(world_size=4, tokens_per_micro_batch=cfg.data.max_length)
+    for mode in ("precomputed", "resident"):
+        total = plan_memory(FLAVOURS["glm4-9b"], **kw, reference=mode).gib()["total"]
+        assert f"{total:.2f} GiB" in f.read_text()
