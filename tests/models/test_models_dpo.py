@@ -9,7 +9,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from models_hf_tiny import CASES, COMMON, hf_model, ours_from_hf
 
@@ -20,21 +19,7 @@ from engine.objectives import DPOObjective
 from engine.objectives.dpo import document_index, document_log_probs
 from engine.step import forward_backward, to_device
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def pg():
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread and pg: tests/conftest.py
 
 
 def make_pairs(n_pairs: int, seed: int = 0) -> list[list[tuple[np.ndarray, np.ndarray]]]:

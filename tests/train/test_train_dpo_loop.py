@@ -82,9 +82,10 @@ def test_resume_mid_run_matches_uninterrupted(
     data, resident, precomputed, cache_dir, tmp_path, monkeypatch, mode
 ):
     src = resident if mode == "resident" else precomputed
-    extra = (
-        {"precompute_ref_log_probs": "true", "dataset_cache_dir": cache_dir} if mode == "precomputed" else {}
-    )
+    extra = {}
+    if mode == "precomputed":  # ... and loaded lazily in a worker process: the table travels with the dataset
+        extra = dict(precompute_ref_log_probs="true", dataset_cache_dir=cache_dir, lazy_tokenize="true",
+                     dataloader_num_workers=1)  # fmt: skip
 
     def no_pass(*a, **k):  # the resumed run must read the cached table (a recompute would use the
         raise AssertionError("reference recomputed despite its cache")  # starting weights: still right)

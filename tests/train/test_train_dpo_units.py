@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 import kernels
 from engine.config import parse_config
@@ -20,21 +19,7 @@ from engine.models import FLAVOURS, build_model
 from engine.objectives import DPOObjective, dpo_pair_losses
 from engine.step import forward_backward
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def pg():
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread and pg: tests/conftest.py
 
 
 def softplus(x: float) -> float:  # -log(sigmoid(-x))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from engine.config import parse_config
 from engine.memory import plan_memory
@@ -21,21 +20,7 @@ from engine.parallel import apply_activation_checkpointing, apply_neftune, doc_l
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def pg():
-    """A 1-rank gloo group (forward_backward all-reduces its token counts)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread and pg: tests/conftest.py
 
 
 # ------------------------------------------------------------------ config
