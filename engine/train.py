@@ -151,8 +151,7 @@ def build_optimizer_and_schedule(model, cfg: Config, total_steps: int):
 
 
 def build_data(cfg: Config, info: DistInfo, tokenizer):
-    from engine.data import SFT_FORMAT, StepLoader, build_dataset, split_dataset
-    from engine.data.preference import PAIR_FORMAT
+    from engine.data import PAIR_FORMAT, SFT_FORMAT, StepLoader, build_dataset, split_dataset
 
     d, t = cfg.data, cfg.train
     kw = dict(
