@@ -21,6 +21,7 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     from engine.config import Config
     from engine.models import default_loss_fn
     from engine.models.attention import resolve_attn_impl
+    from engine.objectives import SFTObjective
     from engine.parallel import init_distributed
     from engine.step import optimizer_step
     from engine.train import build_optimizer_and_schedule, build_sharded_model
@@ -45,7 +46,7 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
             opt,
             sched,
             micro_batches,
-            loss_name=c.train.loss_name,
+            SFTObjective(c.train.loss_name),
             max_grad_norm=c.optim.max_grad_norm,
             device=device,
         )["loss"]

@@ -81,6 +81,21 @@ class TrainConfig:
 
 
 @dataclass
+class RLHFConfig:
+    """Preference training (ms-swift `rlhf` / TRL DPOConfig names). rlhf_type None: SFT."""
+
+    rlhf_type: str | None = field(default=None, metadata=_choices("dpo"))
+    beta: float = 0.1
+    rpo_alpha: float | None = None  # weight of the chosen responses' NLL (RPO); None = off
+    loss_type: str = field(default="sigmoid", metadata=_choices("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only): the chance a pair's label is flipped
+    ref_model: str | None = None  # HF directory or flavour name; None: the starting model (--model)
+    # one pass of the frozen reference over the data before training, cached with the dataset cache (keyed by
+    # data, reference and dtype), so no reference model is resident during training
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
 class CheckpointConfig:
     output_dir: str = "output"
     save_steps: int = 500  # 0 = only at the end (and on SIGTERM)
@@ -106,6 +121,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -291,6 +307,20 @@ def validate(cfg: Config) -> None:
     for r in lg.report_to:
         need(r in ("tensorboard", "none"), "report_to", f"unknown backend {r!r} (tensorboard | none)")
     need(bool(d.dataset), "dataset", "at least one dataset is required")
+    r = cfg.rlhf
+    if r.rlhf_type is None:  # a DPO flag without --rlhf_type dpo would silently do nothing
+        for key, default in dataclasses.asdict(RLHFConfig()).items():
+            need(getattr(r, key) == default, key, "is a DPO flag: set --rlhf_type dpo (or drop it)")
+    else:
+        need(t.loss_name == "long-ce", "loss_name", "is the SFT loss; DPO's loss is --loss_type")
+        need(r.beta > 0, "beta", "must be > 0")
+        need(0.0 <= r.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        need(
+            r.label_smoothing == 0 or r.loss_type == "sigmoid",
+            "label_smoothing",
+            f"applies to loss_type sigmoid only (got loss_type {r.loss_type})",
+        )
+        need(r.rpo_alpha is None or r.rpo_alpha >= 0, "rpo_alpha", "must be >= 0")
 
 
 def parse_config(argv: list[str] | None = None, *, check: bool = True) -> Config:

@@ -2,7 +2,7 @@
 
 Counts what the trainer holds: fp32 parameter, gradient and AdamW shards (1/world each), the gathered compute
 copies FSDP keeps alive (root + about two blocks), and activations at the given tokens per micro-batch with
-the chosen activation checkpointing. Activations assume flash/varlen attention (no T x T matrix) and the
+the chosen activation checkpointing, and for DPO a resident reference model. Activations assume flash/varlen attention (no T x T matrix) and the
 per-block tensors autograd saves in engine.models' Qwen2/GLM blocks. It is a plan: the caching allocator's
 fragmentation and the CUDA context (~0.5-1 GiB) come on top; compare with torch.cuda.max_memory_allocated.
 """
@@ -27,6 +27,7 @@ class MemoryPlan:
     activations: float  # saved for backward at the end of the forward pass
     recompute_peak: float  # one block's full activations + their gradients during backward
     loss: float  # logits (torch loss) or one chunk of them (fused loss)
+    reference: float = 0.0  # DPO's frozen reference: compute-dtype shards + its last block kept gathered
 
     @property
     def total(self) -> float:
@@ -38,7 +39,9 @@ class MemoryPlan:
         return out
 
     def format(self) -> str:
-        rows = [f"  {k:<16} {v:>9.2f} GiB" for k, v in self.gib().items()]
+        rows = [
+            f"  {k:<16} {v:>9.2f} GiB" for k, v in self.gib().items() if k != "reference" or self.reference
+        ]
         return "planned per-GPU memory:\n" + "\n".join(rows)
 
 
@@ -75,7 +78,13 @@ def plan_memory(
     checkpoint_every: int = 1,
     fused_loss: bool = True,
     loss_chunk_bytes: int = 256 * 2**20,  # kernels' default on CUDA
+    reference: str | None = None,
 ) -> MemoryPlan:
+    """reference (DPO): None (SFT), "precomputed" (log-probs from one pass before training: nothing resident)
+    or "resident" (a frozen FSDP copy; its no_grad forward saves no activations, and its transient gathered
+    blocks are freed before the policy's forward)."""
+    if reference not in (None, "precomputed", "resident"):
+        raise ValueError(f"reference must be None, 'precomputed' or 'resident', got {reference!r}")
     n = args.num_params()
     shard = n / world_size
     b = torch.finfo(param_dtype).bits // 8  # compute dtype bytes
@@ -103,6 +112,7 @@ def plan_memory(
         activations=saved,
         recompute_peak=recompute,
         loss=loss,
+        reference=(shard * b + blk * b) if reference == "resident" else 0.0,
     )
 
 
@@ -121,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gradient_checkpointing_every", type=int, default=1)
     p.add_argument("--no_checkpointing", action="store_true")
     p.add_argument("--loss_impl", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument(
+        "--rlhf_type", default=None, choices=("dpo",), help="plan a DPO run (a reference model too)"
+    )
+    p.add_argument("--precompute_ref_log_probs", action="store_true", help="DPO without a resident reference")
     a = p.parse_args(argv)
     args = FLAVOURS[a.model] if a.model in FLAVOURS else read_config(a.model)[0]
     plan = plan_memory(
@@ -131,8 +145,18 @@ def main(argv: list[str] | None = None) -> None:
         gradient_checkpointing=not a.no_checkpointing,
         checkpoint_every=a.gradient_checkpointing_every,
         fused_loss=a.loss_impl != "torch",
+        reference=None
+        if a.rlhf_type is None
+        else "precomputed"
+        if a.precompute_ref_log_probs
+        else "resident",
     )
-    print(f"{a.model}, {a.world_size} ranks, {a.batch_size} x {a.max_length} tokens per micro-batch")
+    dpo = (
+        f", DPO ({'precomputed' if a.precompute_ref_log_probs else 'resident'} reference)"
+        if a.rlhf_type
+        else ""
+    )
+    print(f"{a.model}, {a.world_size} ranks, {a.batch_size} x {a.max_length} tokens per micro-batch{dpo}")
     print(plan.format())
 
 

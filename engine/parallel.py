@@ -120,6 +120,18 @@ def apply_fsdp(
             m.set_force_sum_reduction_for_comms(True)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's all-gathered parameters (a no-op for units already sharded). Needed after a
+    no_grad forward: the root and the last block keep theirs gathered for a backward that never comes, and
+    until resharded the module's parameters are those gathered tensors, not the shards an optimizer must
+    hold or the memory plan counts."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @torch.no_grad()
 def load_full_tensors_(
     model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict=True

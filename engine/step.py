@@ -1,9 +1,9 @@
-"""One optimizer step of the SFT loop, and evaluation: the per-step arithmetic of long-ce.
+"""One optimizer step of the training loop, and evaluation, for any objective (engine.objectives).
 
-Long-ce: the step's target tokens are counted and all-reduced before any forward, every micro-batch
-back-propagates sum(token losses) / count, and FSDP sums (not averages) gradients (engine.parallel.apply_fsdp),
-so each target token of the global batch weighs the same however the batch is split into micro-batches and
-ranks. Takes only the values it needs: engine/train.py holds the config.
+The objective's normalising counts (target tokens for long-ce, pairs for DPO) are counted and all-reduced before
+any forward, every micro-batch back-propagates its loss already divided by them, and FSDP sums (not averages)
+gradients (engine.parallel.apply_fsdp), so each token (or pair) of the global batch weighs the same however the
+batch is split into micro-batches and ranks. Takes only the values it needs: engine/train.py holds the config.
 """
 
 from __future__ import annotations
@@ -33,70 +33,48 @@ def to_device(mb: dict, device) -> dict:
     }
 
 
-def document_weights(mb: dict) -> tuple[torch.Tensor, int]:
-    """ "sequence" loss: (B*T,) float64 weights, 1 / (its document's target count) on every target token and 0
-    elsewhere, and the number of documents with targets. Labels never cross a document (cu_seqlens)."""
-    is_target = mb["labels"].flatten() != -100
-    cu = mb["cu_seqlens"].long()
-    seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())  # (B*T,) document of each token
-    counts = torch.zeros(len(cu) - 1, dtype=torch.float64).index_add_(0, seg, is_target.double())
-    weights = torch.where(is_target, 1.0 / counts[seg].clamp(min=1.0), 0.0)
-    return weights, int((counts > 0).sum())
+def model_loss(model, batch: dict) -> torch.Tensor:
+    """model(...) with labels: whatever model.loss_fn returns (a sum for SFT, per-token losses for DPO)."""
+    return model(
+        batch["input_ids"],
+        batch["position_ids"],
+        batch["cu_seqlens"],
+        batch["max_seqlen"],
+        labels=batch["labels"],
+    )
 
 
-def forward_backward(model, micro_batches: list[dict], *, loss_name: str, device, stop=None) -> dict:
-    """Forward + backward of one optimizer step's micro-batches on this rank. Returns the global loss and
-    token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step is abandoned).
-
-    "sequence" (THUDM LongAlign / LongWriter's pack loss): every document of the step weighs the same,
-    loss = sum over documents of (its mean token loss) / (documents with targets in the step, all ranks);
-    the model's loss_fn must return per-token losses (reduction="none")."""
-    doc_w = [document_weights(mb) for mb in micro_batches] if loss_name == "sequence" else []
+def forward_backward(model, micro_batches: list[dict], objective, *, device, stop=None) -> dict | None:
+    """Forward + backward of one optimizer step's micro-batches on this rank. Returns the loss, the objective's
+    metrics (all ranks) and token counts, or None when `stop()` turns true between micro-batches (SIGTERM: the step
+    is abandoned)."""
     local = [
-        sum(mb["num_target_tokens"] for mb in micro_batches),
+        *objective.counts(micro_batches),
         sum(sum(mb["doc_lengths"]) for mb in micro_batches),
         sum(sum(n * n for n in mb["doc_lengths"]) for mb in micro_batches),
-        sum(mb["num_target_tokens"] > 0 for mb in micro_batches),  # filler micro-batches have none
-        sum(n for _, n in doc_w),
     ]
-    n_target, n_tokens, sum_sq, n_nonempty, n_docs = all_reduce_floats(local, device)
-    denom = max(n_target, 1.0)
-    n_mean = max(n_nonempty, 1.0)  # "mean" averages over the micro-batches that have targets
-    n_docs = max(n_docs, 1.0)
-    acc = torch.zeros((), dtype=torch.float64, device=device)
-    for k, mb in enumerate(micro_batches):
+    *counts, n_tokens, sum_sq = all_reduce_floats(local, device)
+    stats = torch.zeros(objective.n_stats, dtype=torch.float64, device=device)
+    for mb in micro_batches:
         if stop is not None and stop():
             return None
-        b = to_device(mb, device)
-        loss_sum = model(
-            b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
-        )
-        if loss_name == "sequence":  # loss_sum: per-token losses (B*T,)
-            weights = doc_w[k][0].to(device, non_blocking=True)
-            doc_sum = (loss_sum.double() * weights).sum()  # sum over documents of their mean loss
-            loss = (doc_sum / n_docs).to(loss_sum.dtype)
-            acc += doc_sum.detach()
-        elif loss_name == "long-ce":
-            loss = loss_sum / denom  # every target token of the global step weighs 1 / n_target
-            acc += loss_sum.detach()
-        else:  # "mean": each micro-batch's own token mean, then the mean over micro-batches and ranks
-            loss = loss_sum / max(mb["num_target_tokens"], 1) / n_mean
-            acc += loss.detach() * n_mean
+        loss, mb_stats = objective.loss(model, to_device(mb, device), mb, counts)
+        stats += mb_stats
         loss.backward()
-    dist.all_reduce(acc)
-    loss = acc.item() / {"long-ce": denom, "sequence": n_docs}.get(loss_name, n_mean)
-    return {"loss": loss, "num_tokens": int(n_target), "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
+    dist.all_reduce(stats)
+    metrics = objective.summary(stats.tolist(), counts)
+    return {"loss": metrics["loss"], "metrics": metrics, "tokens": int(n_tokens), "sum_sq": int(sum_sq)}
 
 
 def optimizer_step(
-    model, optimizer, scheduler, micro_batches, *, loss_name: str, max_grad_norm: float, device, stop=None
+    model, optimizer, scheduler, micro_batches, objective, *, max_grad_norm: float, device, stop=None
 ) -> dict | None:
     """One optimizer step: forward/backward of the micro-batches, clip by the global norm, AdamW, LR.
 
     A non-finite loss or gradient norm (the same on every rank: both are all-reduced) skips the AdamW update
     but still advances the schedule and the data. None when SIGTERM abandoned the step.
     """
-    res = forward_backward(model, micro_batches, loss_name=loss_name, device=device, stop=stop)
+    res = forward_backward(model, micro_batches, objective, device=device, stop=stop)
     if res is None:
         return None
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm).item()
@@ -111,18 +89,17 @@ def optimizer_step(
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> float:
-    """Token-mean loss over the whole validation set (all ranks)."""
+def evaluate(model, loader, objective, device) -> dict:
+    """The objective's metrics over the whole validation set (all ranks), e.g. the token-mean loss for SFT."""
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    stats = torch.zeros(objective.n_stats, dtype=torch.float64, device=device)
+    counts = None
     for micro_batches in loader:
+        step_counts = objective.counts(micro_batches)
+        counts = step_counts if counts is None else [a + b for a, b in zip(counts, step_counts)]
         for mb in micro_batches:
-            b = to_device(mb, device)
-            total += model(
-                b["input_ids"], b["position_ids"], b["cu_seqlens"], b["max_seqlen"], labels=b["labels"]
-            ).sum()  # per-token losses under loss_name "sequence"
-            count += mb["num_target_tokens"]
+            stats += objective.loss(model, to_device(mb, device), mb, step_counts)[1]
     model.train()
-    total_sum, count = all_reduce_floats([total.item(), count], device)
-    return total_sum / max(count, 1.0)
+    dist.all_reduce(stats)
+    counts = all_reduce_floats(counts, device)
+    return objective.summary(stats.tolist(), counts, training=False)

@@ -1,4 +1,5 @@
-"""The SFT loop. One process, or any number of torchrun ranks on one or many nodes (NCCL on GPU, gloo on CPU):
+"""The training loop (SFT, or DPO with --rlhf_type dpo). One process, or any number of torchrun ranks on one or
+many nodes (NCCL on GPU, gloo on CPU):
 
     python -m engine.train --config examples/longwriter_qwen2_7b.yaml [--key value ...]
     torchrun --nproc_per_node 4 -m engine.train --config examples/longwriter_qwen2_7b.yaml
@@ -6,17 +7,20 @@
         -m engine.train ...                       (output_dir on a filesystem every node sees)
     ... --resume_from_checkpoint latest          (after a crash or SIGTERM: continues exactly)
     ... --resume_from_checkpoint RUN_DIR --resume_only_model --learning_rate 2e-6   (annealing stage)
+    python -m engine.train --rlhf_type dpo --model outputs/sft/final --dataset pairs.jsonl ...   (DPO stage)
     python -m engine.train --help                (every key, its type and default)
 
 One optimizer step = gradient_accumulation_steps micro-batches per rank. Long-ce: the step's target tokens
 are counted and all-reduced before any forward, every micro-batch back-propagates sum(token losses) / count,
 and FSDP sums (not averages) gradients, so each target token of the global batch weighs the same however the
-batch is split into micro-batches and ranks.
+batch is split into micro-batches and ranks. The objective (engine.objectives: SFT or DPO) owns the per-step
+arithmetic; this loop owns steps, checkpoints, metrics and resume for both.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import random
 import signal
@@ -40,6 +44,7 @@ from engine.checkpoint import (
 from engine.config import Config, parse_config, usage
 from engine.memory import plan_memory
 from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
+from engine.objectives import DPOObjective, SFTObjective
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
     DistInfo,
@@ -49,6 +54,7 @@ from engine.parallel import (
     init_distributed,
     load_full_tensors_,
     random_init_tensors,
+    reshard,
     shutdown_distributed,
 )
 from engine.step import all_reduce_floats, evaluate, optimizer_step
@@ -56,30 +62,38 @@ from engine.step import all_reduce_floats, evaluate, optimizer_step
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_sharded_model(cfg: Config, info: DistInfo):
+def build_sharded_model(cfg: Config, info: DistInfo, *, source: str | None = None, frozen: bool = False):
     """Meta-device build -> NEFTune hooks -> activation checkpointing -> FSDP2 -> materialise the shards
-    (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name)."""
+    (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name).
+
+    frozen (the DPO reference, from `source`): no NEFTune, no checkpointing (it runs under no_grad), no
+    gradients; shards stored in the compute dtype, which FSDP would gather anyway (the same values as the
+    policy's fp32 master weights cast at each all-gather, at half the memory for bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import kernels
     from engine.models import build_model, iter_checkpoint, load_pretrained
 
-    src, t = cfg.model.model, cfg.train
+    src, t = source or cfg.model.model, cfg.train
+    dtype = DTYPES[cfg.model.torch_dtype] if frozen else torch.float32
     pretrained = Path(src).is_dir()
     if pretrained:
-        model = load_pretrained(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+        model = load_pretrained(src, dtype=dtype, device="meta", attn_impl=cfg.model.attn_impl)
     else:
-        model = build_model(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+        model = build_model(src, dtype=dtype, device="meta", attn_impl=cfg.model.attn_impl)
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
-    # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
-    # "sequence" weighs each token by its document: the per-token losses ("none"); otherwise their sum
-    reduction = "none" if t.loss_name == "sequence" else "sum"
+    # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped. DPO and the "sequence"
+    # loss need per-token losses (summed per response / per document by engine.objectives).
+    reduction = "none" if cfg.rlhf.rlhf_type or t.loss_name == "sequence" else "sum"
     model.loss_fn = functools.partial(
         kernels.linear_cross_entropy, reduction=reduction, impl=cfg.model.loss_impl, check_labels=False
     )
-    apply_neftune(model, t.neftune_noise_alpha)
-    if t.gradient_checkpointing:
-        apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
+    if frozen:
+        model.requires_grad_(False)
+    else:
+        apply_neftune(model, t.neftune_noise_alpha)
+        if t.gradient_checkpointing:
+            apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     apply_fsdp(model, mesh, param_dtype=DTYPES[cfg.model.torch_dtype])
     model.to_empty(device=info.device)
@@ -89,7 +103,38 @@ def build_sharded_model(cfg: Config, info: DistInfo):
         load_full_tensors_(
             model, random_init_tensors(model, cfg.train.seed, std=model.args.initializer_range)
         )
+    if frozen:  # it never runs a backward, after which FSDP would free the gathered root and last block
+        model.register_forward_hook(lambda module, args, output: reshard(module))
+        model.eval()
     return model
+
+
+def build_objective(cfg: Config, info: DistInfo, model, loaders: list) -> tuple[object, list[str]]:
+    """SFTObjective, or DPOObjective with a resident frozen reference, or with reference log-probs precomputed
+    into the loaders' datasets (then no reference stays in memory). Runs before any checkpoint is loaded:
+    the default reference is the starting model. Returns the objective and lines for the run log."""
+    r = cfg.rlhf
+    if r.rlhf_type is None:
+        return SFTObjective(cfg.train.loss_name), []
+    kw = dict(beta=r.beta, loss_type=r.loss_type, label_smoothing=r.label_smoothing, rpo_alpha=r.rpo_alpha)
+    src = r.ref_model or cfg.model.model
+    if not r.precompute_ref_log_probs:
+        ref = build_sharded_model(cfg, info, source=src, frozen=True)
+        return DPOObjective(**kw, ref_model=ref), [f"DPO reference {src}: resident (frozen, sharded)"]
+    from engine.reference import attach_reference_log_probs, source_fingerprint
+
+    ref = model if r.ref_model is None else build_sharded_model(cfg, info, source=src, frozen=True)
+    m = cfg.model
+    key = f"{source_fingerprint(src, cfg.train.seed)}|{m.torch_dtype}|{m.attn_impl}|{m.loss_impl}"
+    cache = cfg.data.dataset_cache_dir or str(Path(cfg.checkpoint.output_dir) / "cache")
+    notes = [f"DPO reference {src}: precomputed"]
+    for loader in filter(None, loaders):
+        notes.append(
+            attach_reference_log_probs(ref, loader, info.device, cache_dir=cache, key=key, rank=info.rank)
+        )
+    del ref
+    gc.collect()  # a separate reference goes before training (FSDP modules sit in reference cycles)
+    return DPOObjective(**kw), notes
 
 
 def build_optimizer_and_schedule(model, cfg: Config, total_steps: int):
@@ -106,10 +151,11 @@ def build_optimizer_and_schedule(model, cfg: Config, total_steps: int):
 
 
 def build_data(cfg: Config, info: DistInfo, tokenizer):
-    from engine.data import StepLoader, build_dataset, split_dataset
+    from engine.data import PAIR_FORMAT, SFT_FORMAT, StepLoader, build_dataset, split_dataset
 
     d, t = cfg.data, cfg.train
     kw = dict(
+        row_format=PAIR_FORMAT if cfg.rlhf.rlhf_type else SFT_FORMAT,
         max_length=d.max_length,
         seed=t.seed,
         truncation_strategy=d.truncation_strategy,
@@ -208,6 +254,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             f"the tokenizer of {cfg.model.tokenizer or cfg.model.model} has {tokenizer.vocab_size} ids but the "
             f"model's vocabulary has {model.args.vocab_size} rows: token ids would fall outside the embedding"
         )
+    objective, objective_notes = build_objective(cfg, info, model, [train_loader, val_loader])
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, total)
 
     step = 0
@@ -228,6 +275,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
         model.args, world_size=info.world_size, tokens_per_micro_batch=tokens_per_mb,
         param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
+        reference=None if cfg.rlhf.rlhf_type is None else "precomputed" if cfg.rlhf.precompute_ref_log_probs
+        else "resident",
     )  # fmt: skip
     log.write(
         f"{cfg.model.model}: {model.args.num_params() / 1e6:.1f}M params, world {info.world_size}, "
@@ -235,6 +284,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
     )
     log.write(plan.format())
     log.write(f"chat template: {tokenizer.chat_template.origin}")
+    for note in objective_notes:
+        log.write(note)
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )
@@ -258,7 +309,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
 
     def log_eval() -> None:
         epoch = round(step / steps_per_epoch, 4)
-        log.log({"step": step, "epoch": epoch, "eval_loss": evaluate(model, val_loader, device)})
+        metrics = evaluate(model, val_loader, objective, device)
+        log.log({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
 
     stop = _Stop()
     peak = peak_flops(device)
@@ -274,7 +326,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             for micro_batches in train_loader:
                 lr = scheduler.get_last_lr()[0]
                 res = optimizer_step(
-                    model, optimizer, scheduler, micro_batches, loss_name=t.loss_name,
+                    model, optimizer, scheduler, micro_batches, objective,
                     max_grad_norm=cfg.optim.max_grad_norm, device=device, stop=stop,
                 )  # fmt: skip
                 if res is None:
@@ -286,8 +338,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 bad_in_row = 0 if finite else bad_in_row + 1
                 skipped += not finite
                 record = {
-                    "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": res["loss"], "lr": lr,
-                    "grad_norm": grad_norm, "num_tokens": res["num_tokens"], "tokens": res["tokens"],
+                    "step": step, "epoch": round(step / steps_per_epoch, 4), **res["metrics"], "lr": lr,
+                    "grad_norm": grad_norm, "tokens": res["tokens"],
                     "tokens_per_s": res["tokens"] / dt, "step_time_s": dt,
                     "max_memory_gb": round(max_memory_gb(device), 3),
                 }  # fmt: skip

@@ -7,17 +7,24 @@
                         rank=rank, world_size=world, seed=42)
     for epoch ...: loader.set_epoch(epoch); for micro_batches in loader: ...
 
-Files: tokenizer.py (backends), template.py (jinja chat templates, masks), chat.py (row formats), dataset.py (jsonl,
-validation, mixing, lazy length cache), packing.py (row plans, collation), loader.py (StepLoader).
+    pairs = build_dataset(["pairs.jsonl"], tok, max_length=32768, row_format=PAIR_FORMAT)  # DPO (preference.py)
+
+Files: tokenizer.py (backends), template.py (jinja chat templates, masks), chat.py (row formats), dataset.py
+(jsonl, validation, mixing, lazy length cache; a sample is one or more documents), preference.py (DPO pair
+rows, masks cut to the final reply), packing.py (row plans, collation), loader.py (StepLoader).
 """
 
 from engine.data.chat import encode_generation_prompt
-from engine.data.dataset import SFTDataset, build_dataset, split_dataset
+from engine.data.dataset import SFT_FORMAT, RowFormat, SFTDataset, build_dataset, split_dataset
 from engine.data.loader import StepLoader
 from engine.data.packing import collate_rows, pack_lengths, packing_efficiency
+from engine.data.preference import PAIR_FORMAT
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "PAIR_FORMAT",
+    "SFT_FORMAT",
+    "RowFormat",
     "SFTDataset",
     "StepLoader",
     "Tokenizer",

@@ -1,4 +1,7 @@
-"""jsonl conversations -> validated, tokenized SFT samples with aligned labels.
+"""jsonl rows -> validated, tokenized samples with aligned labels: SFT conversations, or DPO pairs.
+
+A sample is one or more documents: one conversation for SFT (SFT_FORMAT), a chosen and a rejected
+conversation for DPO (engine.data.preference.PAIR_FORMAT); the loader packs a sample's documents as a unit.
 
 Mixing follows ms-swift's dataset specs: "path" takes every row, "path#N" takes N rows drawn with a seeded
 generator (N <= rows: a subset without replacement; N > rows: every row N // rows times plus a subset of
@@ -12,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,17 +32,49 @@ _ENCODE_CHUNK = 256
 _MAX_REPORTED_ERRORS = 20
 
 
+@dataclass(frozen=True)
+class RowFormat:
+    """How one jsonl row becomes one sample of len(fields) documents."""
+
+    name: str
+    fields: tuple[str, ...]  # the row field each document comes from (named in errors)
+    normalize: Callable  # row -> ([messages of each document], metadata); raises FieldError
+    encode: Callable  # (tokenizer, [messages, ...]) -> [(input_ids int32[T], trainable bool[T]), ...]
+
+    def truncate(self, lengths: np.ndarray, max_length: int) -> np.ndarray:
+        """Per-document kept lengths [n, k] of samples over the budget (truncation_strategy="truncate"): one
+        document keeps its first max_length tokens; two share the budget, each getting at least half."""
+        if lengths.shape[1] == 1:
+            return np.minimum(lengths, max_length)
+        a, b = lengths[:, 0], lengths[:, 1]
+        a_kept = np.minimum(a, np.maximum(max_length // 2, max_length - b))
+        return np.stack([a_kept, np.minimum(b, max_length - a_kept)], axis=1)
+
+
+def _normalize_sft(row) -> tuple[list[list[dict]], dict]:
+    messages, meta = normalize_row(row)
+    return [messages], meta
+
+
+SFT_FORMAT = RowFormat("sft", ("messages",), _normalize_sft, encode_conversations)
+
+
 @dataclass
 class _Source:
     """The valid rows of one file, tokenized (eager) or only measured (lazy)."""
 
     path: str
+    file_hash: str  # sha256 of the file's bytes
     lines: list[int]  # 1-based line numbers of the kept rows
-    conversations: list[list[dict]]
+    conversations: list[list[list[dict]]]  # per sample, the messages of each document
     metadata: list[dict]
-    lengths: np.ndarray  # token length after truncation
-    tokens: list[tuple[np.ndarray, np.ndarray]] | None  # (input_ids, trainable) when eager
+    doc_lengths: np.ndarray  # [n, documents per sample] token lengths after truncation
+    tokens: list[list[tuple[np.ndarray, np.ndarray]]] | None  # per sample, (input_ids, trainable) when eager
     stats: dict = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.doc_lengths.sum(axis=1)
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -86,9 +121,9 @@ class _Problems:
         logger.warning("skipping row: %s", text)
 
 
-def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dict]], list[dict], int, str]:
-    """-> (line numbers, messages, metadata) of the valid rows, the number of non-blank rows, and the
-    sha256 of the file's bytes (the length cache's key: one read of the file, not two)."""
+def _read_rows(path: str, problems: _Problems, normalize) -> tuple[list[int], list, list[dict], int, str]:
+    """-> (line numbers, documents' messages, metadata) of the valid rows, the number of non-blank rows, and
+    the sha256 of the file's bytes (the length cache's key: one read of the file, not two)."""
     lines, convs, metas = [], [], []
     n_rows = 0
     digest = hashlib.sha256()
@@ -109,7 +144,7 @@ def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dic
                 problems(path, lineno, "<json>", f"malformed JSON: {e}")
                 continue
             try:
-                msgs, meta = normalize_row(row)
+                msgs, meta = normalize(row)
             except FieldError as e:
                 problems(path, lineno, e.field, e.message)
                 continue
@@ -119,22 +154,25 @@ def _read_rows(path: str, problems: _Problems) -> tuple[list[int], list[list[dic
     return lines, convs, metas, n_rows, digest.hexdigest()
 
 
-def _measure(tokenizer: Tokenizer, convs: list[list[dict]], keep_tokens: bool):
-    """-> (raw lengths, target counts, tokens or None)."""
+def _measure(tokenizer: Tokenizer, samples: list[list[list[dict]]], keep_tokens: bool, fmt: RowFormat):
+    """-> (raw lengths [n, k], target counts [n, k], tokens per sample or None); k documents per sample."""
+    k = len(fmt.fields)
+    convs = [c for s in samples for c in s]
     lengths = np.zeros(len(convs), dtype=np.int64)
     targets = np.zeros(len(convs), dtype=np.int64)
-    tokens = [] if keep_tokens else None
+    flat = [] if keep_tokens else None
     for start in range(0, len(convs), _ENCODE_CHUNK):
         try:
-            chunk = encode_conversations(tokenizer, convs[start : start + _ENCODE_CHUNK])
-        except ChatTemplateError as e:
-            raise ChatTemplateError(str(e), start + e.index) from None
+            chunk = fmt.encode(tokenizer, convs[start : start + _ENCODE_CHUNK])
+        except ChatTemplateError as e:  # index of the sample (k documents each), for the caller's line lookup
+            raise ChatTemplateError(str(e), (start + e.index) // k) from None
         for j, (ids, mask) in enumerate(chunk):
             lengths[start + j] = len(ids)
             targets[start + j] = int(mask[1:].sum())
-            if tokens is not None:
-                tokens.append((ids, mask))
-    return lengths, targets, tokens
+            if flat is not None:
+                flat.append((ids, mask))
+    tokens = [flat[i : i + k] for i in range(0, len(flat), k)] if flat is not None else None
+    return lengths.reshape(-1, k), targets.reshape(-1, k), tokens
 
 
 def _load_source(
@@ -146,29 +184,32 @@ def _load_source(
     problems: _Problems,
     lazy: bool,
     cache_dir: str | None,
+    fmt: RowFormat = SFT_FORMAT,
 ) -> _Source:
     if not os.path.isfile(path):
         raise ValueError(f"dataset file not found: {path}")
     invalid_before = problems.count
-    lines, convs, metas, n_rows, file_hash = _read_rows(path, problems)
+    lines, convs, metas, n_rows, file_hash = _read_rows(path, problems, fmt.normalize)
     cache_file = None
     if lazy and cache_dir:
+        kind = "" if fmt is SFT_FORMAT else f"|{fmt.name}"  # SFT keys as before this field existed
         key = hashlib.sha256(
             f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{tokenizer.chat_template.fingerprint}|"
-            f"{_backend_versions()}".encode()
+            f"{_backend_versions()}{kind}".encode()
         ).hexdigest()[:32]
         cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
     cached = None
     if cache_file and os.path.exists(cache_file):
         with np.load(cache_file) as z:
             if len(z["lengths"]) == len(convs):
-                cached = (z["lengths"], z["targets"])
+                k = len(fmt.fields)
+                cached = (z["lengths"].reshape(-1, k), z["targets"].reshape(-1, k))
     if cached is not None:
         raw_len, targets = cached
         tokens = None
     else:
         try:
-            raw_len, targets, tokens = _measure(tokenizer, convs, keep_tokens=not lazy)
+            raw_len, targets, tokens = _measure(tokenizer, convs, keep_tokens=not lazy, fmt=fmt)
         except ChatTemplateError as e:  # a template that cannot render or mask this row: name the row
             raise ValueError(f"{path}:{lines[e.index]}: {e}") from None
         if cache_file:
@@ -178,25 +219,24 @@ def _load_source(
             os.replace(tmp, cache_file)  # atomic: concurrent ranks may write the same file
 
     keep = np.ones(len(convs), dtype=bool)
-    for i in np.flatnonzero(targets == 0):
-        keep[i] = False
-        problems(path, lines[i], "messages", "no trainable token in this sample")
-    over = keep & (raw_len > max_length)
+    for i, j in zip(*np.nonzero(targets == 0)):
+        if keep[i]:
+            keep[i] = False
+            problems(path, lines[i], fmt.fields[j], "no trainable token in this sample")
+    over = keep & (raw_len.sum(axis=1) > max_length)
     n_over = int(over.sum())
-    lengths = np.minimum(raw_len, max_length)
+    lengths = raw_len.copy()
+    lengths[over] = fmt.truncate(raw_len[over], max_length)
     n_no_target_after_trunc = 0
     if truncation_strategy == "delete":
         keep &= ~over
         if n_over:
             logger.warning("%s: deleted %d samples longer than max_length=%d", path, n_over, max_length)
     elif truncation_strategy == "truncate":
-        # A truncated sample still needs a target inside its first max_length tokens.
+        # Every truncated document still needs a target inside its kept tokens.
         for i in np.flatnonzero(over):
-            if tokens is not None:
-                mask = tokens[i][1]
-            else:
-                mask = encode_conversations(tokenizer, [convs[i]])[0][1]
-            if not mask[1:max_length].any():
+            docs = tokens[i] if tokens is not None else fmt.encode(tokenizer, convs[i])
+            if not all(mask[1:n].any() for (_, mask), n in zip(docs, lengths[i])):
                 keep[i] = False
                 n_no_target_after_trunc += 1
         if n_over:
@@ -220,10 +260,11 @@ def _load_source(
     }
     return _Source(
         path=path,
+        file_hash=file_hash,
         lines=[lines[i] for i in idx],
         conversations=[convs[i] for i in idx],
         metadata=[metas[i] for i in idx],
-        lengths=lengths[idx].astype(np.int64),
+        doc_lengths=lengths[idx].astype(np.int64),
         tokens=[tokens[i] for i in idx] if tokens is not None else None,
         stats=stats,
     )
@@ -236,10 +277,21 @@ def _sample(n_avail: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class SFTDataset:
-    """Tokenized conversations. ds[i] -> {"input_ids": list[int], "labels": list[int]} (labels ALIGNED)."""
+    """Tokenized samples (one conversation each for SFT, a chosen/rejected pair for DPO).
+    ds[i] -> {"input_ids": list[int], "labels": list[int]} of its first document (labels ALIGNED);
+    ds.documents(i) -> every document as arrays; ds.lengths[i] = the sample's tokens (all its documents).
+    sample_arrays: per-sample arrays the loader copies into each micro-batch (name -> [len(ds), ...];
+    e.g. DPO's precomputed reference log-probs)."""
 
     def __init__(
-        self, sources: list[_Source], index: np.ndarray, *, tokenizer: Tokenizer, max_length: int, report
+        self,
+        sources: list[_Source],
+        index: np.ndarray,
+        *,
+        tokenizer: Tokenizer,
+        max_length: int,
+        report,
+        row_format: RowFormat = SFT_FORMAT,
     ):
         self._sources = sources
         # index[i] = (source number, row within source); duplicates come from "#N" oversampling.
@@ -247,6 +299,8 @@ class SFTDataset:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.report = report
+        self.row_format = row_format
+        self.sample_arrays: dict[str, np.ndarray] = {}
         self.lengths = np.zeros(len(index), dtype=np.int64)
         for k, src in enumerate(sources):
             sel = index[:, 0] == k
@@ -263,21 +317,42 @@ class SFTDataset:
     def lazy(self) -> bool:
         return any(s.tokens is None for s in self._sources)
 
-    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids int64[T], labels int64[T]) of sample i, truncated to max_length."""
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything a sample's tokens depend on: file contents, tokenizer, template, format,
+        max_length and truncation (the kept lengths), mixing and split (the index)."""
+        h = hashlib.sha256(
+            f"v{CACHE_VERSION}|{self.row_format.name}|{self.tokenizer.fingerprint}|{self.tokenizer.template}|"
+            f"{_backend_versions()}|{self.max_length}|{[s.file_hash for s in self._sources]}".encode()
+        )
+        h.update(np.ascontiguousarray(self._index).tobytes())
+        for k, src in enumerate(self._sources):
+            h.update(np.ascontiguousarray(src.doc_lengths[self._index[self._index[:, 0] == k, 1]]).tobytes())
+        return h.hexdigest()[:32]
+
+    def documents(self, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(input_ids int64[T], labels int64[T])] of sample i's documents, truncated as planned."""
         s, r = self._index[i]
         src = self._sources[s]
         if src.tokens is not None:
-            ids, mask = src.tokens[r]
+            docs = src.tokens[r]
         else:  # lazy: tokenized here, i.e. inside the loader's workers
-            ids, mask = encode_conversations(self.tokenizer, [src.conversations[r]])[0]
-        ids, mask = ids[: self.max_length], mask[: self.max_length]
-        if len(ids) != self.lengths[i]:
+            docs = self.row_format.encode(self.tokenizer, src.conversations[r])
+        fresh = np.array([[len(ids) for ids, _ in docs]], dtype=np.int64)
+        kept = fresh if fresh.sum() <= self.max_length else self.row_format.truncate(fresh, self.max_length)
+        if not np.array_equal(kept[0], src.doc_lengths[r]):
             raise ValueError(
-                f"{src.path}:{src.lines[r]}: {len(ids)} tokens now, {self.lengths[i]} in the length cache "
-                "(a tokenizer changed without changing its files?): delete the dataset cache directory"
+                f"{src.path}:{src.lines[r]}: {kept[0].tolist()} tokens now, {src.doc_lengths[r].tolist()} in the "
+                "length cache (a tokenizer changed without changing its files?): delete the dataset cache directory"
             )
-        return ids.astype(np.int64), aligned_labels(ids, mask)
+        return [
+            (ids[:n].astype(np.int64), aligned_labels(ids[:n], mask[:n]))
+            for (ids, mask), n in zip(docs, kept[0])
+        ]
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int64[T], labels int64[T]) of sample i's first (for SFT: only) document."""
+        return self.documents(i)[0]
 
     def __getitem__(self, i: int) -> dict:
         ids, labels = self.arrays(int(i))
@@ -296,8 +371,9 @@ class SFTDataset:
         return text
 
     def messages(self, i: int) -> list[dict]:
+        """The messages of sample i's first document (SFT: the conversation; DPO: the chosen one)."""
         s, r = self._index[i]
-        return self._sources[s].conversations[r]
+        return self._sources[s].conversations[r][0]
 
     def metadata(self, i: int) -> dict:
         """Extra row fields ("length", "response_length", ...) plus the row's origin (_file, _line)."""
@@ -312,7 +388,9 @@ class SFTDataset:
             tokenizer=self.tokenizer,
             max_length=self.max_length,
             report={**self.report, "split": name},
+            row_format=self.row_format,
         )
+        sub.sample_arrays = {k: v[np.asarray(indices, dtype=np.int64)] for k, v in self.sample_arrays.items()}
         sub.report["samples"] = len(sub)
         return sub
 
@@ -327,8 +405,10 @@ def build_dataset(
     check_dataset_strategy: str = "error",
     lazy_tokenize: bool = False,
     cache_dir: str | None = None,
+    row_format: RowFormat = SFT_FORMAT,
 ) -> SFTDataset:
-    """Read, validate, tokenize and mix jsonl files given as ms-swift specs ("path" or "path#N")."""
+    """Read, validate, tokenize and mix jsonl files given as ms-swift specs ("path" or "path#N"); row_format
+    says what a row is (SFT_FORMAT, or engine.data.preference.PAIR_FORMAT for DPO pairs)."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
@@ -350,6 +430,7 @@ def build_dataset(
                 problems=problems,
                 lazy=lazy_tokenize,
                 cache_dir=cache_dir,
+                fmt=row_format,
             )
         src = sources[path]
         n_avail = len(src.lengths)
@@ -377,7 +458,9 @@ def build_dataset(
     }
     if len(index) == 0:
         raise ValueError(f"build_dataset: no usable samples in {list(specs)} (report: {totals})")
-    ds = SFTDataset(src_list, index, tokenizer=tokenizer, max_length=max_length, report=report)
+    ds = SFTDataset(
+        src_list, index, tokenizer=tokenizer, max_length=max_length, report=report, row_format=row_format
+    )
     logger.info(
         "dataset: %d samples, %d tokens (rows %d, invalid %d, over-length %d: deleted %d, truncated %d)",
         len(ds),

@@ -48,14 +48,20 @@ class _StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> list[dict]:
         batch_size, world, rank, pad_length = self.loader_cfg
-        rows = self.steps[k]
-        docs = [[self.dataset.arrays(i) for i in row] if row != [FILLER] else [] for row in rows]
+        rows = [row if row != [FILLER] else [] for row in self.steps[k]]
+        # a sample's documents (a DPO pair's chosen and rejected) stay together, in order, in one row
+        docs = [[d for i in row for d in self.dataset.documents(i)] for row in rows]
         sizes = np.array([sum(len(d[0]) for d in r) for r in docs])
         order = np.argsort(-sizes, kind="stable")
         micro = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
-        mine = micro[rank::world]
-        pad = self.dataset.pad_token_id
-        return [collate_rows([docs[i] for i in m], length=pad_length, pad_token_id=pad) for m in mine]
+        out = []
+        for m in micro[rank::world]:
+            mb = collate_rows([docs[i] for i in m], length=pad_length, pad_token_id=self.dataset.pad_token_id)
+            mb["samples"] = [s for i in m for s in rows[i]]  # sample index of each document group, in order
+            for name, values in getattr(self.dataset, "sample_arrays", {}).items():
+                mb[name] = torch.from_numpy(values[mb["samples"]])
+            out.append(mb)
+        return out
 
 
 class StepLoader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -13,6 +14,7 @@ from train_testlib import (
     free_port,
     load_final,
     make_dataset,
+    make_pairs,
     retry_port_race,
     run_inprocess,
     run_torchrun,
@@ -50,6 +52,29 @@ def test_world_size_invariance(tmp_path, loss_name):
     assert s1[3]["num_tokens"] < min(r["num_tokens"] for r in s1[:3]) / 2  # the partial step with fillers
     w1, w2 = load_final(one), load_final(two)
     assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_world_size_invariance(tmp_path):
+    """DPO, 1 rank x 4 micro-batches with a resident reference == 2 ranks x 2 with the reference log-probs
+    precomputed (each rank computes its share of the pass, all-reduced): losses, TRL metrics, clipped grad
+    norms, weights. The step's pairs are counted over both ranks before the forwards."""
+    data = make_pairs(tmp_path / "pairs.jsonl", n=26)
+    one, two = tmp_path / "one", tmp_path / "two"
+    kw = dict(rlhf_type="dpo", max_length=512, learning_rate=1e-3, save_final=True, final_dtype="float32")
+    run_inprocess(base_args(data, one, gradient_accumulation_steps=4, **kw))
+    run_torchrun(
+        2, base_args(data, two, gradient_accumulation_steps=2, precompute_ref_log_probs="true", **kw)
+    )
+    s1, s2 = train_steps(one), train_steps(two)
+    assert len(s1) == len(s2) == 4 and s1[0]["loss"] == pytest.approx(math.log(2), abs=1e-12)
+    for a, b in zip(s1, s2):
+        assert a["pairs"] == b["pairs"] and a["num_tokens"] == b["num_tokens"]
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    assert all(r["grad_norm"] > 0.5 for r in s1)  # clipping was exercised
+    w1, w2 = load_final(one), load_final(two)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
 

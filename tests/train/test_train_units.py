@@ -9,32 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from engine.config import parse_config
 from engine.memory import plan_memory
 from engine.models import FLAVOURS, build_model
+from engine.objectives import SFTObjective
 from engine.optim import build_scheduler, lr_lambda, param_groups
 from engine.parallel import apply_activation_checkpointing, apply_neftune, doc_lengths, neftune_scale
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def pg():
-    """A 1-rank gloo group (forward_backward all-reduces its token counts)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_thread")  # one_thread and pg: tests/conftest.py
 
 
 # ------------------------------------------------------------------ config
@@ -263,11 +249,11 @@ def test_long_ce_invariant_to_micro_batch_split(pg, loss_name):
     def run(split):
         model.zero_grad()
         mbs = [collate_rows(rows[i : i + split], pad_token_id=0) for i in range(0, 4, split)]
-        out = forward_backward(model, mbs, loss_name=loss_name, device=torch.device("cpu"))
+        out = forward_backward(model, mbs, SFTObjective(loss_name), device=torch.device("cpu"))
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (o1, g1), (o4, g4) = run(4), run(1)
-    assert o1["num_tokens"] == o4["num_tokens"] > 0
+    assert o1["metrics"]["num_tokens"] == o4["metrics"]["num_tokens"] > 0
     same = all(torch.allclose(g1[n], g4[n], rtol=1e-5, atol=1e-7) for n in g1)
     if loss_name == "long-ce":
         assert o4["loss"] == pytest.approx(o1["loss"], rel=1e-6) and same
@@ -304,7 +290,7 @@ def test_sequence_loss_weighs_every_document_the_same(pg):
     def run(batches):
         model.zero_grad()
         mbs = [collate_rows(b, pad_token_id=0) for b in batches]
-        out = forward_backward(model, mbs, loss_name="sequence", device=torch.device("cpu"))
+        out = forward_backward(model, mbs, SFTObjective("sequence"), device=torch.device("cpu"))
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (o1, g1), (o4, g4) = run([rows]), run([[r] for r in rows] + [[filler]])
@@ -338,7 +324,7 @@ def test_mean_loss_ignores_filler_micro_batches(pg):
     def run(batches):
         model.zero_grad()
         mbs = [collate_rows(b, pad_token_id=0) for b in batches]
-        out = forward_backward(model, mbs, loss_name="mean", device=torch.device("cpu"))
+        out = forward_backward(model, mbs, SFTObjective("mean"), device=torch.device("cpu"))
         return out["loss"], {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (l2, g2), (l3, g3) = run([rows[:1], rows[1:]]), run([rows[:1], rows[1:], [filler]])

@@ -34,6 +34,19 @@ def make_dataset(path: Path, n: int = 48, seed: int = 0) -> Path:
     return path
 
 
+def make_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """n ms-swift preference rows (chosen and rejected replies of 3-30 words): a few pairs per packed row."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choices(WORDS, k=rng.randint(2, 6)))
+            good, bad = (" ".join(rng.choices(WORDS, k=rng.randint(3, 30))) for _ in range(2))
+            row = {"messages": [{"role": "user", "content": f"Write {i}: {q}"},
+                                {"role": "assistant", "content": good}], "rejected_response": bad}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def base_args(data: Path, out: Path, **over) -> list[str]:
     """A debug-qwen2 fp32 run; keyword overrides become flags."""
     kw = dict(
