@@ -1,0 +1,274 @@
+"""The prepared GPU check (benchmarks/gpu_check.py): its dry run end to end on CPU, so the script cannot rot
+between GPU runs, and its pieces (time box, wheel install, goal judging, profile summaries) on made-up inputs."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+from benchmarks.gpu_profile import categorize, summarize_snapshot
+from benchmarks.gpu_report import GOALS, MET, NOT_MEASURED, NOT_MET, judge_goals, junit_counts
+from benchmarks.gpu_wheels import install_wheels
+
+
+def _status_cells(summary: str) -> dict[str, str]:
+    cells = {}
+    for line in summary.splitlines():
+        parts = [c.strip() for c in line.strip("|").split("|")]
+        if len(parts) == 6 and (parts[0], parts[1]) in {(s.part, s.name) for s in gpu_check.STEPS}:
+            cells[f"{parts[0]}/{parts[1]}"] = parts[2]
+    return cells
+
+
+def test_dry_run_runs_every_part_and_lists_it_with_a_status(tmp_path):
+    # ~40 s on 2 idle cores; the budget's slack over the default 115 s is for a machine shared with other jobs,
+    # where the 4 subprocesses (~30 CPU-seconds in all) wait for a core.
+    t0 = time.perf_counter()
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget_s", "170"]) == 0
+    assert time.perf_counter() - t0 < 170 + 15
+    summary = (tmp_path / "summary.md").read_text()
+    status = _status_cells(summary)
+    assert set(status) == {f"{s.part}/{s.name}" for s in gpu_check.STEPS}
+    for s in gpu_check.STEPS:  # every step with a smoke version ran and ended cleanly; the others say why not
+        cell = status[f"{s.part}/{s.name}"]
+        assert cell.startswith("ok") if s.smoke else cell.startswith("skipped: not in the dry run"), (
+            s.name,
+            cell,
+        )
+    assert "log lines report a failed case" not in summary
+    for g in GOALS:  # every goal is listed with one of the three verdicts
+        assert any(g.name in line and f"**{NOT_MEASURED}**" in line for line in summary.splitlines()), g.name
+    with open(tmp_path / "gpu_check.csv") as f:
+        rows = list(csv.DictReader(f))
+    providers = {r["provider"] for r in rows}
+    # rows of every part: the kernel benchmark, the training benchmark, the profiled step, pytest, the steps
+    assert {"ours_torch", "engine", "pytest", "gpu_check"} <= providers
+    assert any(r["mode"] == "profiled step" and r["metric"] == "share_gemm" for r in rows)
+    assert {(r["mode"], r["metric"]) for r in rows if r["provider"] == "pytest"} >= {("cpu-subset", "passed")}
+    for r in rows:
+        assert r["device"] and r["versions"] and r["git_sha"] and r["git_sha"] != "unknown" and r["date"]
+    assert "## Profiled step: debug-qwen2" in summary and "| gemm |" in summary
+
+
+def test_run_boxed_kills_the_process_group_and_keeps_the_output(tmp_path):
+    child = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(child)!r}, 'w').write(str(p.pid))\n"
+        "print('partial result', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log = tmp_path / "log.txt"
+    rc, wall = gpu_check.run_boxed([sys.executable, "-c", code], 3.0, log, env=None)
+    assert rc is None and wall < 30
+    assert "partial result" in log.read_text()
+    pid = int(child.read_text())
+    for _ in range(50):  # the grandchild went with its group (gone, or a zombie awaiting its reaper)
+        status = Path(f"/proc/{pid}/status")
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {pid} still running")
+
+
+def _wheel(folder: Path, name: str, files: dict[str, str]) -> Path:
+    path = folder / name
+    with zipfile.ZipFile(path, "w") as z:
+        for arc, text in files.items():
+            z.writestr(arc, text)
+    return path
+
+
+def test_install_wheels_fills_gaps_only(tmp_path):
+    whl, site = tmp_path / "whl", tmp_path / "site"
+    whl.mkdir()
+    site.mkdir()
+    _wheel(whl, "gpuc_fake-0.1-py3-none-any.whl", {
+        "gpuc_fake/__init__.py": "X = 1\n",
+        "gpuc_fake-0.1.dist-info/METADATA": "Name: gpuc-fake\nVersion: 0.1\n",
+        "gpuc_fake-0.1.data/purelib/gpuc_fake_extra.py": "Y = 2\n",
+        "gpuc_fake-0.1.data/scripts/tool": "#!/bin/sh\n",
+    })  # fmt: skip
+    _wheel(whl, "pytest-0.0.1-py3-none-any.whl", {"pytest/__init__.py": "raise ImportError\n"})
+    _wheel(whl, "gpuc_other-1.0-cp27-cp27m-win32.whl", {"gpuc_other/__init__.py": ""})
+    got = {r["dist"]: r["status"] for r in install_wheels(whl, site)}
+    assert got == {"gpuc-fake": "installed", "pytest": "present", "gpuc-other": "incompatible"}
+    assert (site / "gpuc_fake" / "__init__.py").read_text() == "X = 1\n"
+    assert (site / "gpuc_fake_extra.py").exists()  # .data/purelib lands at the root
+    assert (
+        not (site / "pytest").exists() and not (site / "gpuc_other").exists() and not (site / "tool").exists()
+    )
+
+
+def _long_ce_rows(tflops: dict[str, float]) -> list[dict]:
+    dims = {"qwen2-7b": (3584, 152064), "glm4-9b": (4096, 151552)}
+    return [
+        {"provider": "ours_triton", "mode": "fwd+bwd", "metric": "throughput", "p50": str(tf),
+         "shape": f"{fl}:N=28672,H={dims[fl][0]},V={dims[fl][1]},bfloat16"}
+        for fl, tf in tflops.items()
+    ]  # fmt: skip
+
+
+def _train_rows(engine: float, liger: float) -> list[dict]:
+    shape = "qwen2.5-0.5b T=28672 bf16 docs/step=7.1"
+    return [
+        {"provider": "engine", "mode": "packed loss=triton ac=full", "metric": "tokens_per_s", "p50": str(engine),
+         "shape": shape},
+        {"provider": "engine", "mode": "packed loss=triton ac=off", "metric": "tokens_per_s", "p50": "1e9",
+         "shape": shape},  # not the goal's configuration: must not count
+        {"provider": "transformers+liger", "mode": "packed loss=liger ac=full", "metric": "tokens_per_s",
+         "p50": str(liger), "shape": shape},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rows, kernel, train",
+    [
+        (_long_ce_rows({"qwen2-7b": 800, "glm4-9b": 760}) + _train_rows(30000, 19000), MET, MET),
+        (_long_ce_rows({"qwen2-7b": 800, "glm4-9b": 700}) + _train_rows(28000, 19000), NOT_MET, NOT_MET),
+        (_long_ce_rows({"qwen2-7b": 800}), NOT_MEASURED, NOT_MEASURED),
+    ],
+)
+def test_goals_are_judged_from_rows(rows, kernel, train):
+    env = {"peak_bf16_tflops": 989.0}  # H200 dense bf16: 760 / 989 = 0.768, 700 / 989 = 0.708
+    got = {g["goal"]: g for g in judge_goals(rows, env)}
+    assert [g.name for g in GOALS] == list(got)
+    assert got["long-ce speed mode near peak"]["status"] == kernel
+    assert got["engine vs transformers+Liger, qwen2.5-0.5b"]["status"] == train
+    assert got["long-ce speed mode beats Liger"]["status"] == NOT_MEASURED  # no liger_fp32 rows at all
+
+
+def test_junit_counts(tmp_path):
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.a" name="ok"/>'
+        '<testcase classname="tests.a" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="tests.b" name="boom"><error message="y"/></testcase>'
+        '<testcase classname="tests.b" name="skip"><skipped message="z"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    counts, bad = junit_counts(tmp_path / "j.xml")
+    assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1}
+    assert bad == ["tests.a::bad", "tests.b::boom"]
+
+
+@pytest.mark.parametrize(
+    "name, category",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "gemm"),
+        ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT", "gemm"),
+        ("aten::addmm", "gemm"),
+        ("void flash::flash_fwd_kernel<cutlass::bfloat16_t>", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("_rows_kernel", "loss"),
+        ("aten::_log_softmax", "loss"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("c10d::allreduce_", "communication"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+            "elementwise",
+        ),
+        ("aten::add_", "elementwise"),
+        ("void at::native::(anonymous namespace)::fused_adamw_kernel", "optimizer"),
+        ("PythonSubclass", "other"),
+        ("aten::new_empty", "other"),
+    ],
+)
+def test_categorize(name, category):
+    assert categorize(name) == category
+
+
+def test_summarize_snapshot_finds_the_peak_and_its_sites():
+    frame = {"filename": "/repo/engine/models/model.py", "line": 90, "name": "forward"}
+    torch_frame = {"filename": "/usr/lib/torch/nn/functional.py", "line": 1, "name": "linear"}
+    mib = 2**20
+    snap = {
+        "segments": [{"total_size": 512 * mib, "allocated_size": 100 * mib, "blocks": []}],
+        "device_traces": [[
+            {"action": "alloc", "addr": 1, "size": 100 * mib, "frames": [torch_frame, frame]},
+            {"action": "alloc", "addr": 2, "size": 300 * mib, "frames": [torch_frame]},
+            {"action": "free_requested", "addr": 2, "size": 300 * mib},
+            {"action": "free_completed", "addr": 2, "size": 300 * mib},
+            {"action": "alloc", "addr": 3, "size": 50 * mib, "frames": []},
+        ]],
+    }  # fmt: skip
+    s = summarize_snapshot(snap, baseline_bytes=1000 * mib)
+    assert s["history_peak_mib"] == pytest.approx(1400)  # baseline + 100 + 300, before the free
+    assert s["reserved_mib"] == 512 and s["allocated_mib"] == 100 and s["trace_events"] == 5
+    assert dict(s["peak_sites_mib"]) == {"model.py:90 forward": 100, "functional.py:1 linear": 300}
+
+
+def test_every_gpu_invocation_parses_with_todays_clis(monkeypatch, tmp_path):
+    """The GPU argv of every step is accepted by its module's command line (the dry run uses other flags), and
+    bench_train's --only names configurations that exist: a renamed flag fails here, not on the GPU node."""
+    from benchmarks import bench_long_ce, bench_train, gpu_profile
+    from benchmarks.train_workload import gpu_configs
+
+    seen = []
+    monkeypatch.setattr(bench_long_ce, "run", lambda args: seen.append(("long_ce", args)))
+    monkeypatch.setattr(bench_train, "run_suite", lambda ns: seen.append(("train", ns)) or 0)
+    names = [c.name for c in gpu_configs()]
+    for step in gpu_check.STEPS:
+        argv = [a.replace("{out}", str(tmp_path)) for a in step.argv]
+        module, rest = argv[0], argv[1:]
+        if module == "pytest":
+            paths = [a for a in rest if a.startswith("tests")]
+            assert paths and all(Path(gpu_check.ROOT, p).exists() for p in paths), step.name
+        elif module == "benchmarks.bench_long_ce":
+            bench_long_ce.main(rest)
+            assert seen[-1][0] == "long_ce" and seen[-1][1].tokens
+        elif module == "benchmarks.bench_train":
+            assert bench_train.main(rest) == 0 and seen[-1][0] == "train"
+            assert all(any(o in n for n in names) for o in seen[-1][1].only), seen[-1][1].only
+        elif module == "benchmarks.gpu_profile":
+            if not __import__("torch").cuda.is_available():  # parsed, then refused: auto needs CUDA
+                assert gpu_profile.main(rest) == 2
+        else:
+            pytest.fail(f"no parse check for {module}")
+
+
+def test_sigterm_kills_the_running_step_and_writes_the_summary(monkeypatch, tmp_path):
+    import os
+    import signal
+    import threading
+
+    sleep = ("timeit", "-n", "1", "-r", "1", "print('step started', flush=True); import time; time.sleep(60)")
+    monkeypatch.setattr(gpu_check, "STEPS", [gpu_check.Step("x", "sleeper", sleep, sleep, 60, "sleeps")])
+    log = tmp_path / "01_x_sleeper" / "log.txt"
+
+    def term_once_started():  # as the slot's end would: while a step runs
+        for _ in range(600):
+            if log.exists() and "step started" in log.read_text():
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=term_once_started, daemon=True).start()
+    t0 = time.perf_counter()
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 130
+    assert time.perf_counter() - t0 < 50  # not the step's 60 s
+    assert "| x | sleeper | interrupted (SIGTERM)" in (tmp_path / "summary.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is not gpu_check._interrupt  # handlers restored
+
+
+def test_log_counts_of_a_killed_pytest(tmp_path):
+    from benchmarks.gpu_report import log_counts
+
+    (tmp_path / "log.txt").write_text(
+        "$ python -m pytest -v ...\n"
+        "tests/a.py::test_ok PASSED                [ 33%]\n"
+        "tests/a.py::test_bad[x] FAILED            [ 66%]\n"
+        "tests/b.py::test_skip SKIPPED (needs a CUDA device) [100%]\n"
+    )
+    counts, bad = log_counts(tmp_path / "log.txt")
+    assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1} and bad == [
+        "tests/a.py::test_bad[x]"
+    ]
