@@ -36,7 +36,7 @@ bench: install
 # The prepared GPU check (benchmarks/README.md). gpu-wheels runs where a registry is reachable and fills the
 # ignored .whl/ (pip download --no-deps --only-binary=:all: for each GPU_PYTHON); gpu-check runs on the GPU node
 # with the node's own python (GPU_PY), never the venv, never a registry.
-GPU_PYTHON ?= 3.11 3.12
+GPU_PYTHON ?= 3.12 3.11
 GPU_ARCH ?= x86_64
 GPU_WHEELS_ARGS ?=
 GPU_PY ?= python3

@@ -13,10 +13,12 @@ of the whole check at the slot's end still leaves everything finished so far. Ti
 (9 minutes on one H100/H200, Triton compilation and model building included); --budget_s scales them, and no
 step starts past the budget.
 
-Results go to --out (default benchmarks/results/gpu_check_<gpu>_<date>/; the dry run: a temporary directory):
-summary.md, gpu_check.csv (the long-format rows of every step, benchmarks/common.py), and one folder per step
-with its own files and log.txt. On a node without .git, rows whose git_sha is "unknown" get the check's sha
-(--git-sha, else .whl/manifest.txt, written by make gpu-wheels).
+Results go to --out (default benchmarks/results/gpu_check_<gpu>_<date>/; the dry run: a temporary directory),
+as at most 5 files in one folder (a GPU runner may bring back only a few files): summary.md, gpu_check.csv (the
+long-format rows of every step, benchmarks/common.py), steps.tar.gz (each step's folder: log.txt, its own CSV,
+report, plot, junit.xml), and the profiled step's chrome trace and CUDA memory snapshot when each is under
+16 MiB. The step folders themselves are under --work (default a temporary directory, printed). On a node without
+.git, rows whose git_sha is "unknown" get the check's sha (--git-sha, else .whl/manifest.txt from make gpu-wheels).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,8 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 540.0
 DRY_BUDGET_S = 115.0
 DRY_BOX_S = 100.0
-PYTEST = ("pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--junitxml={out}/junit.xml")
+# -v: a killed run's log still tells which tests passed; a module that fails to import must not stop the others
+PYTEST = ("pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+          "--junitxml={out}/junit.xml")  # fmt: skip
 CPU_MARK = "not gpu and not slow and not dist"
+FILE_CAP = 16 * 2**20  # per file brought back from a GPU runner's output folder
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,10 @@ STEPS = [
          ("benchmarks.bench_train", "--smoke", "--only", "engine packed loss=twin ac=off", "--results-dir", "{out}"),
          130, "engine (eager; compiled when bench_train has it) vs transformers vs transformers+Liger, "
          "28,672 packed tokens: tokens/s, MFU, peak memory"),
-    Step("train", "qwen2.5-1.5b", ("benchmarks.bench_train", "--flavour", "qwen2.5-1.5b", *TRAIN_GPU), None, 80,
+    Step("train", "qwen2.5-1.5b", ("benchmarks.bench_train", "--flavour", "qwen2.5-1.5b", *TRAIN_GPU), None, 70,
          "the same at the ~1.5B shape", flavour="qwen2.5-1.5b"),
     Step("profile", "engine-step", ("benchmarks.gpu_profile", "--out", "{out}"),
-         ("benchmarks.gpu_profile", "--smoke", "--out", "{out}"), 85,
+         ("benchmarks.gpu_profile", "--smoke", "--out", "{out}"), 100,
          "one profiled engine step at the largest shape that fits (FSDP2, 1 rank): time by category, memory "
          "snapshot summary, chrome trace"),
     Step("long_ce", "n4096-16384", ("benchmarks.bench_long_ce", "--tokens", "4096", "16384", "--modes", "fwd",
@@ -88,7 +95,7 @@ STEPS = [
          "the same at N=4,096 and 16,384, fwd and fwd+bwd"),
     Step("tests", "cpu-subset", (*PYTEST, "-m", CPU_MARK, "tests/kernels/test_long_ce_ref.py",
          "tests/kernels/test_long_ce_triton_interp.py", "tests/models", "tests/data", "tests/train/test_train_units.py"),
-         (*PYTEST, "-m", CPU_MARK, "tests/data/test_data_packing.py"), 30,
+         (*PYTEST, "-m", CPU_MARK, "tests/data/test_data_packing.py"), 25,
          "a CPU-suite subset under the node's torch / triton (JUnit rows)"),
 ]  # fmt: skip
 assert sum(s.box_s for s in STEPS) <= DEFAULT_BUDGET_S
@@ -193,6 +200,25 @@ def _sha(explicit: str | None) -> str:
     return sha
 
 
+def gemm_tflops(n: int = 8192, reps: int = 10) -> float:
+    """bf16 n^3 matmul rate of this GPU now (3 warm-ups, CUDA events): the ceiling next to the datasheet peak."""
+    import torch
+
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    rate = 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def node_environment(args, cuda: bool) -> dict:
     import torch
 
@@ -217,23 +243,44 @@ def node_environment(args, cuda: bool) -> dict:
         env["triton"] = "not importable"
     env["packages"] = common.versions()
     env["peak_bf16_tflops"] = (peak_bf16(env["gpu"]) or 0) / 1e12 or None
+    env["gemm_bf16_tflops"] = round(gemm_tflops(), 1) if cuda else None
+    env["row_env"] = common.environment("cuda" if cuda else "cpu")  # the columns of the check's own rows
     return env
 
 
 def write_summary(out: Path, env: dict, steps: list[dict], wheels: list[dict]) -> None:
+    """Rewrite out/summary.md, out/gpu_check.csv and out/steps.tar.gz from what the steps have left so far."""
     rows = [r for s in steps for r in s.get("rows", [])]
+    if env.get("gemm_bf16_tflops"):
+        shape = "bf16 8192x8192x8192 matmul, 3 warm-ups + 10 reps"
+        rows.append(common.row(env["row_env"], "hardware", "gemm", "throughput", "TFLOP/s", shape,
+                               [env["gemm_bf16_tflops"]], fmt=".4g"))  # fmt: skip
     sha = env["git_sha"].split()[0]
     for r in rows:
         if r.get("git_sha") in (None, "", "unknown"):
             r["git_sha"] = sha
     profile = None
-    for s in steps:
-        for f in sorted(Path(s["folder"]).glob("profile_*.json")) if s.get("folder") else []:
+    folders = [Path(s["folder"]) for s in steps if s.get("folder")]
+    for folder in folders:
+        for f in sorted(folder.glob("profile_*.json")):
             profile = json.loads(f.read_text())
+        for f in [*folder.glob("trace_*.json.gz"), *folder.glob("memory_snapshot_*.pickle.gz")]:
+            if f.stat().st_size < FILE_CAP and not (out / f.name).exists():
+                shutil.copyfile(f, out / f.name)
     tmp = out / "gpu_check.csv.tmp"
     tmp.unlink(missing_ok=True)
     common.append_rows(tmp, rows)
     tmp.replace(out / "gpu_check.csv")
+    with tarfile.open(out / "steps.tar.gz.tmp", "w:gz") as tar:
+        for folder in folders:
+            for f in sorted(folder.rglob("*")):
+                if (
+                    f.is_file()
+                    and f.stat().st_size < FILE_CAP // 4
+                    and not f.name.startswith(("trace_", "memory_"))
+                ):
+                    tar.add(f, arcname=str(f.relative_to(folder.parent)))
+    (out / "steps.tar.gz.tmp").replace(out / "steps.tar.gz")
     text = render_summary(env, steps, judge_goals(rows, env), wheels, profile, len(rows))
     (out / "summary.md.tmp").write_text(text)
     (out / "summary.md.tmp").replace(out / "summary.md")
@@ -300,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="run only steps whose part/name contains one of these")
     ap.add_argument("--git-sha", help="the sha to record when the node's copy has no .git")
     ap.add_argument("--wheels", default=str(ROOT / ".whl"), help="folder of optional wheels")
+    ap.add_argument("--work", help="where the steps' folders go (default: a new temporary directory)")
     args = ap.parse_args(argv)
     args.argv = argv
     t_start = time.perf_counter()
@@ -312,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args.budget_s = budget = args.budget_s or (DRY_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S)
     scale = budget / DEFAULT_BUDGET_S
     out, env, child_env, wheels = _prepare(args, cuda)
-    print(f"gpu check -> {out} ({env['gpu']}, torch {env['torch']}, python {env['python']}, {budget:.0f} s)")
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_work_"))
+    print(f"gpu check -> {out} (steps' folders: {work}; {env['gpu']}, torch {env['torch']}, "
+          f"python {env['python']}, {budget:.0f} s)")  # fmt: skip
     steps = [{"part": s.part, "name": s.name, "status": "pending", "box_s": s.box_s * scale,
               "produces": s.produces} for s in STEPS]  # fmt: skip
     write_summary(out, env, steps, wheels)
@@ -325,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             rec["box_s"] = max(box, 0.0)
             rec["status"] = _skip_reason(step, argv_i, box, left, args.only) or "running"
             if rec["status"] == "running":
-                rec["folder"] = str(out / f"{i + 1:02d}_{step.part}_{step.name}")
+                rec["folder"] = str(work / f"{i + 1:02d}_{step.part}_{step.name}")
                 print(f"[{i + 1}/{len(STEPS)}] {step.part}/{step.name} (box {box:.0f} s) ...", flush=True)
-                env_rows = common.environment("cuda" if cuda else "cpu")
-                rec.update(run_step(step, argv_i, box, Path(rec["folder"]), child_env, env_rows))
+                env["row_env"] = common.environment("cuda" if cuda else "cpu")
+                rec.update(run_step(step, argv_i, box, Path(rec["folder"]), child_env, env["row_env"]))
             print(f"    {step.part}/{step.name}: {rec['status']}", flush=True)
             env["elapsed_s"] = round(time.perf_counter() - t_start)
             write_summary(out, env, steps, wheels)
@@ -337,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             if rec["status"] == "running":
                 rec["status"] = f"interrupted ({e}): the step's process group was killed"
                 argv_i = step.smoke if args.dry_run else step.argv
-                rec["rows"] = collect(step, argv_i, Path(rec["folder"]), env_rows)["rows"]
+                rec["rows"] = collect(step, argv_i, Path(rec["folder"]), env["row_env"])["rows"]
         env["elapsed_s"] = round(time.perf_counter() - t_start)
         write_summary(out, env, steps, wheels)
         print(f"interrupted ({e}); summary -> {out / 'summary.md'}", file=sys.stderr)
@@ -346,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     print((out / "summary.md").read_text())
-    print(f"summary -> {out / 'summary.md'}; rows -> {out / 'gpu_check.csv'}")
+    print(
+        f"summary -> {out / 'summary.md'}; rows -> {out / 'gpu_check.csv'}; steps -> {out / 'steps.tar.gz'}"
+    )
     return 0
 
 

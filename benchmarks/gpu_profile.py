@@ -20,7 +20,7 @@ fresh subprocess (an out-of-memory attempt leaves nothing behind), until one suc
 plans 138.8 GiB for one rank: over an H200's 139.8 GiB with the CUDA context, so it is tried at 16,384.
 
 Writes DIR/profile_<flavour>.json (summary), DIR/profile.csv (long-format rows), DIR/trace_<flavour>.json.gz
-(chrome trace), DIR/memory_snapshot_<flavour>.pickle.gz (torch.cuda.memory._snapshot, when under 40 MiB).
+(chrome trace), DIR/memory_snapshot_<flavour>.pickle.gz (torch.cuda.memory._snapshot, when under 16 MiB).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ CANDIDATES = [  # (flavour, tokens), tried largest first; names missing from eng
     ("qwen2.5-0.5b", 28672),
 ]
 MARGIN_GIB = 3.0  # CUDA context, allocator fragmentation and step temporaries the plan leaves out
-SNAPSHOT_CAP = 40 * 2**20
+SNAPSHOT_CAP = 16 * 2**20  # the most one file brought back from a GPU runner may be
 CATEGORIES = [  # (category, regex on the lower-cased kernel / op name); the first match wins
     ("communication", r"nccl|c10d|all_?gather|reduce_?scatter|all_?reduce|gloo|record_param_comms|broadcast"),
     ("loss", r"_rows_kernel|_dw_kernel|long_ce|cross_entropy|nll_loss|log_softmax|logsumexp"),
@@ -71,13 +71,16 @@ def category_times(events, cuda: bool) -> tuple[dict[str, float], dict[str, list
     self device time of CUDA kernels, or self CPU time of CPU ops."""
     from torch.autograd import DeviceType
 
-    picked = []
-    for e in events:
-        if cuda:
-            if e.device_type == DeviceType.CUDA:
-                picked.append((e.key, getattr(e, "self_device_time_total", 0.0)))
-        elif not e.key.startswith("ProfilerStep"):
-            picked.append((e.key, e.self_cpu_time_total))
+    def device_us(e) -> float:  # renamed from self_cuda_time_total in torch 2.x
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [e for e in events if not e.key.startswith("ProfilerStep")]
+    if cuda:
+        picked = [(e.key, device_us(e)) for e in events if e.device_type == DeviceType.CUDA]
+        if not any(us for _, us in picked):  # kernels not listed on their own: the ops' device time
+            picked = [(e.key, device_us(e)) for e in events]
+    else:
+        picked = [(e.key, e.self_cpu_time_total) for e in events]
     totals: dict[str, float] = {c: 0.0 for c, _ in CATEGORIES}
     totals["other"] = 0.0
     names: dict[str, list[tuple[str, float]]] = {c: [] for c in totals}
@@ -132,13 +135,17 @@ def summarize_snapshot(snapshot: dict, baseline_bytes: int = 0) -> dict:
     }
 
 
-def pick_candidates(total_bytes: float, names: set[str]) -> list[tuple[str, int, float]]:
-    """(flavour, tokens, planned GiB) of CANDIDATES that exist and whose plan fits total_bytes with MARGIN_GIB."""
+def pick_candidates(
+    total_bytes: float, names: set[str], tokens: int | None = None
+) -> list[tuple[str, int, float]]:
+    """(flavour, tokens, planned GiB) of CANDIDATES (all at `tokens` if given) that exist and whose plan fits
+    total_bytes with MARGIN_GIB."""
     from engine.memory import GiB, plan_memory
     from engine.models import FLAVOURS
 
     out = []
-    for flavour, tokens in CANDIDATES:
+    cands = dict.fromkeys((f, tokens or t) for f, t in CANDIDATES)
+    for flavour, tokens in cands:
         if flavour in names:
             plan = plan_memory(FLAVOURS[flavour], world_size=1, tokens_per_micro_batch=tokens).total / GiB
             if plan + MARGIN_GIB <= total_bytes / GiB:
@@ -186,7 +193,7 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
     with torch.profiler.profile(activities=activities) as prof:
         profiled_s = step(2)
     memory: dict = {"method": "n/a on CPU: no allocator history; peak RSS only"}
@@ -202,7 +209,7 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
             alloc_retries=stats.get("num_alloc_retries", 0),
             total_mib=torch.cuda.get_device_properties(info.device).total_memory / 2**20,
         )
-        blob = gzip.compress(pickle.dumps(snap))
+        blob = gzip.compress(pickle.dumps(snap), compresslevel=1)  # level 9 takes many seconds on 100 MB
         if len(blob) <= SNAPSHOT_CAP:
             (out / f"memory_snapshot_{stem}.pickle.gz").write_bytes(blob)
     else:
@@ -212,7 +219,7 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
     totals, top = category_times(prof.key_averages(), cuda)
     trace = out / f"trace_{stem}.json"
     prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb", compresslevel=1) as dst:
         dst.write(src.read())
     trace.unlink()
 
@@ -280,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --flavour auto needs CUDA; name a flavour or use --smoke", file=sys.stderr)
         return 2
     total = torch.cuda.get_device_properties(0).total_memory
-    tries = pick_candidates(total, set(FLAVOURS))
-    if a.max_length:
-        tries = [(f, a.max_length, p) for f, _, p in tries]
+    tries = pick_candidates(total, set(FLAVOURS), a.max_length)
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # packed shapes vary per step
     for flavour, tokens, plan in tries:

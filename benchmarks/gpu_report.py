@@ -70,7 +70,15 @@ def kernel_peak_share(rows: list[dict], env: dict) -> tuple[str, str]:
         got = _find(rows, "ours_speed", "throughput", fl)
         share = got[0] / peak if got and peak else None
         parts.append((fl, share, share is not None and share >= 0.75))
-    return _judge(parts, "bench_long_ce ours (speed) TFLOP/s" + ("" if peak else "; GPU peak unknown"))
+    status, text = _judge(
+        parts, "bench_long_ce ours (speed) TFLOP/s" + ("" if peak else "; GPU peak unknown")
+    )
+    gemm = env.get("gemm_bf16_tflops")
+    if (
+        gemm and peak and status != NOT_MEASURED
+    ):  # the ceiling cuBLAS reaches on this GPU, beside the datasheet's
+        text += f" (of the datasheet's {peak:.0f} TFLOP/s; a bf16 8192^3 matmul reached {gemm:.0f} here)"
+    return status, text
 
 
 def _ratio_goal(ours: str, other: str, metric: str = "time") -> Callable[[list[dict], dict], tuple[str, str]]:
@@ -223,7 +231,7 @@ def log_counts(log: Path) -> tuple[dict[str, int], list[str]]:
 
 # --------------------------------------------------------------------------------------------- summary
 def _cell(s: object) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
+    return "n/a" if s is None else str(s).replace("|", "\\|").replace("\n", " ")
 
 
 def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list[dict], profile: dict | None,
@@ -237,7 +245,7 @@ def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list
         "|---|---|",
         *(f"| {k} | {_cell(env[k])} |" for k in ("gpu", "gpu_count", "gpu_memory", "driver", "cuda", "torch",
                                                    "triton", "python", "platform", "git_sha", "date", "budget_s",
-                                                   "elapsed_s", "packages")),
+                                                   "elapsed_s", "packages", "peak_bf16_tflops", "gemm_bf16_tflops")),
         "",
     ]  # fmt: skip
     if wheels:
@@ -284,6 +292,6 @@ def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list
         if mem.get("peak_sites_mib"):
             lines += ["", "Live at the history's peak (MiB by allocation site):",
                       *(f"- {site}: {mib:.0f}" for site, mib in mem["peak_sites_mib"])]  # fmt: skip
-    lines += ["", f"Rows: `gpu_check.csv` ({n_rows} long-format rows of every step), each step's files in its "
-              "own folder (log.txt: its output).", ""]  # fmt: skip
+    lines += ["", f"Rows: `gpu_check.csv` ({n_rows} long-format rows of every step); each step's folder (log.txt: "
+              "its output; its own CSV, report, plot, junit.xml) in `steps.tar.gz`.", ""]  # fmt: skip
     return "\n".join(lines)

@@ -1,16 +1,17 @@
 """The optional wheels of the prepared GPU check: downloaded where a registry is reachable, installed on the GPU
 node (which has none) into a temporary target directory.
 
-    python -m benchmarks.gpu_wheels [--python 3.11 3.12] [--arch x86_64] [--dest .whl] [--with-quack]
-    make gpu-wheels [GPU_PYTHON="3.11 3.12"] [GPU_ARCH=x86_64] [GPU_WHEELS_ARGS=--with-quack]
+    python -m benchmarks.gpu_wheels [--python 3.12 3.11] [--arch x86_64] [--dest .whl] [--with-quack]
+    make gpu-wheels [GPU_PYTHON="3.12 3.11"] [GPU_ARCH=x86_64] [GPU_WHEELS_ARGS=--with-quack]
 
 Each wheel is fetched with `pip download --no-deps --only-binary=:all:` for every target Python version (pure
-wheels are shared; the few compiled ones, pydantic-core, jiter, psutil, come once per version), so the node's
-Python need not be known in advance: 3.11 is what /work/venv-compat (built like the GPU image, torch 2.11 +
-triton 3.6) has, 3.12 is the hedge. Versions are pinned (the ones this project was checked with); bump them in
+wheels are shared; the few compiled ones, pydantic-core and jiter, come once per version), so the node's Python
+need not be known in advance: 3.12 is what the H200 image lent to this project had (Python 3.12.3, torch
+2.11.0+cu130, triton 3.6.0, as read there in 2026-11), 3.11 is what /work/venv-compat (torch 2.11 + triton 3.6)
+has; gpu_check prints the node's. Versions are pinned (the ones this project was checked with); bump them in
 WHEELS. The repository plus .whl/ must stay under 64 MiB, the most that one copy to a node carries. QuACK's
-CUTLASS DSL libraries are ~92 MB per CUDA major (measured: nvidia-cutlass-dsl-libs-cu12 and -cu13 4.8.1), so
-the QuACK stack is left out unless --with-quack (for a transfer without that cap).
+CUTLASS DSL libraries are ~92 MB per CUDA major (measured: nvidia-cutlass-dsl-libs-cu12 and -cu13 4.8.1, and
+4.8.1 requires the cu12 one even for CUDA 13), so the QuACK stack is left out unless --with-quack.
 
 On the node, install_wheels() unpacks (no pip needed) the wheels whose tags the running interpreter accepts and
 whose distribution it does not already have: the image's own packages always win, a wheel only fills a gap.
@@ -104,7 +105,9 @@ def download(dest: Path, pythons: list[str], arch: str, with_quack: bool, pip: l
         lines.append(
             "left out: the QuACK stack (--with-quack): its CUTLASS DSL libraries are ~92 MB per CUDA major"
         )
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    sha = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True, text=True
+    )
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     (dest / "manifest.txt").write_text(
         f"downloaded {stamp} at git {sha.stdout.strip() or 'unknown'} for python {' '.join(pythons)}, "
@@ -170,7 +173,7 @@ def install_wheels(whl_dir: Path, target: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="download the GPU check's optional wheels into .whl/")
-    ap.add_argument("--python", nargs="+", default=["3.11", "3.12"], help="target Python versions")
+    ap.add_argument("--python", nargs="+", default=["3.12", "3.11"], help="target Python versions")
     ap.add_argument("--arch", default="x86_64", help="x86_64 | aarch64 (manylinux, glibc >= 2.17)")
     ap.add_argument("--dest", default=str(ROOT / ".whl"))
     ap.add_argument("--with-quack", action="store_true", help="also the QuACK stack (~190 MB: over the cap)")

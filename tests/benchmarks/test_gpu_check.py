@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -30,9 +31,18 @@ def test_dry_run_runs_every_part_and_lists_it_with_a_status(tmp_path):
     # ~40 s on 2 idle cores; the budget's slack over the default 115 s is for a machine shared with other jobs,
     # where the 4 subprocesses (~30 CPU-seconds in all) wait for a core.
     t0 = time.perf_counter()
-    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget_s", "170"]) == 0
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--work", str(work), "--budget_s", "170"]) == 0
     assert time.perf_counter() - t0 < 170 + 15
-    summary = (tmp_path / "summary.md").read_text()
+    # what a GPU runner brings back: at most 8 plain files in one folder, each under 16 MiB
+    files = sorted(p.name for p in out.iterdir())
+    assert all((out / f).is_file() and (out / f).stat().st_size < gpu_check.FILE_CAP for f in files)
+    assert {"summary.md", "gpu_check.csv", "steps.tar.gz", "trace_debug-qwen2_T256.json.gz"} == set(files)
+    with tarfile.open(out / "steps.tar.gz") as tar:
+        packed = set(tar.getnames())
+    ran = [f"{i + 1:02d}_{s.part}_{s.name}" for i, s in enumerate(gpu_check.STEPS) if s.smoke]
+    assert {f"{d}/log.txt" for d in ran} <= packed and any(n.endswith("junit.xml") for n in packed)
+    summary = (out / "summary.md").read_text()
     status = _status_cells(summary)
     assert set(status) == {f"{s.part}/{s.name}" for s in gpu_check.STEPS}
     for s in gpu_check.STEPS:  # every step with a smoke version ran and ended cleanly; the others say why not
@@ -44,7 +54,7 @@ def test_dry_run_runs_every_part_and_lists_it_with_a_status(tmp_path):
     assert "log lines report a failed case" not in summary
     for g in GOALS:  # every goal is listed with one of the three verdicts
         assert any(g.name in line and f"**{NOT_MEASURED}**" in line for line in summary.splitlines()), g.name
-    with open(tmp_path / "gpu_check.csv") as f:
+    with open(out / "gpu_check.csv") as f:
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
     # rows of every part: the kernel benchmark, the training benchmark, the profiled step, pytest, the steps
@@ -242,7 +252,7 @@ def test_sigterm_kills_the_running_step_and_writes_the_summary(monkeypatch, tmp_
 
     sleep = ("timeit", "-n", "1", "-r", "1", "print('step started', flush=True); import time; time.sleep(60)")
     monkeypatch.setattr(gpu_check, "STEPS", [gpu_check.Step("x", "sleeper", sleep, sleep, 60, "sleeps")])
-    log = tmp_path / "01_x_sleeper" / "log.txt"
+    log = tmp_path / "work" / "01_x_sleeper" / "log.txt"
 
     def term_once_started():  # as the slot's end would: while a step runs
         for _ in range(600):
@@ -253,7 +263,7 @@ def test_sigterm_kills_the_running_step_and_writes_the_summary(monkeypatch, tmp_
 
     threading.Thread(target=term_once_started, daemon=True).start()
     t0 = time.perf_counter()
-    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 130
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 130
     assert time.perf_counter() - t0 < 50  # not the step's 60 s
     assert "| x | sleeper | interrupted (SIGTERM)" in (tmp_path / "summary.md").read_text()
     assert signal.getsignal(signal.SIGTERM) is not gpu_check._interrupt  # handlers restored
