@@ -69,32 +69,59 @@ class Step:
     flavour: str | None = None  # skipped when engine.models.FLAVOURS lacks it
 
 
-# THE table: every invocation the check makes. Flags follow today's CLIs; update them here when they change.
-TRAIN_GPU = ("--max-length", "28672", "--warmup", "2", "--steps", "4", "--timeout", "40",
-             "--only", "engine packed loss=triton ac=full", "transformers packed loss=plain ac=full",
-             "transformers+liger packed loss=liger ac=full", "--results-dir", "{out}")  # fmt: skip
+# THE table: every invocation the check makes, in run order. Flags follow today's CLIs; update them here.
+TRAIN_GPU = (
+    "--max-length",
+    "28672",
+    "--warmup",
+    "2",
+    "--steps",
+    "4",
+    "--timeout",
+    "40",
+    "--only",
+    "engine packed loss=triton ac=full",
+    "transformers packed loss=plain ac=full",
+    "transformers+liger packed loss=liger ac=full",
+    "--results-dir",
+    "{out}",
+)
+LONG_CE = ("benchmarks.bench_long_ce", "--warmup", "3", "--out-dir", "{out}")
 STEPS = [
-    Step("tests", "gpu", (*PYTEST, "-m", "gpu", "tests"), None, 90, "pytest -m gpu: bf16 parity, kernel at the Qwen2-7B shape, determinism, memory bounds, attention "
+    Step("tests", "gpu",
+         (*PYTEST, "-m", "gpu", "tests"),
+         None, 90,
+         "pytest -m gpu: bf16 parity, kernel at the Qwen2-7B shape, determinism, memory bounds, attention "
          "backends (JUnit rows)"),
-    Step("long_ce", "n28672", ("benchmarks.bench_long_ce", "--tokens", "28672", "--modes", "fwd+bwd", "--warmup",
-         "3", "--reps", "3", "--out-dir", "{out}"), ("benchmarks.bench_long_ce", "--smoke", "--device", "cpu",
-         "--out-dir", "{out}"), 85, "fused loss fwd+bwd at N=28,672, every importable provider, bench_long_ce's "
-         "flavours (Qwen2-7B, GLM-4-9B, Qwen2.5-0.5B): time, TFLOP/s, peak memory"),
-    Step("train", "qwen2.5-0.5b", ("benchmarks.bench_train", "--flavour", "qwen2.5-0.5b", *TRAIN_GPU),
-         ("benchmarks.bench_train", "--smoke", "--only", "engine packed loss=twin ac=off", "--results-dir", "{out}"),
-         130, "engine (eager; compiled when bench_train has it) vs transformers vs transformers+Liger, "
-         "28,672 packed tokens: tokens/s, MFU, peak memory"),
-    Step("train", "qwen2.5-1.5b", ("benchmarks.bench_train", "--flavour", "qwen2.5-1.5b", *TRAIN_GPU), None, 70,
+    Step("long_ce", "n28672",
+         (*LONG_CE, "--tokens", "28672", "--modes", "fwd+bwd", "--reps", "3"),
+         ("benchmarks.bench_long_ce", "--smoke", "--device", "cpu", "--out-dir", "{out}"), 85,
+         "fused loss fwd+bwd at N=28,672, every importable provider, bench_long_ce's flavours (Qwen2-7B, "
+         "GLM-4-9B, Qwen2.5-0.5B): time, TFLOP/s, peak memory"),
+    Step("train", "qwen2.5-0.5b",
+         ("benchmarks.bench_train", "--flavour", "qwen2.5-0.5b", *TRAIN_GPU),
+         ("benchmarks.bench_train", "--smoke", "--only", "engine packed loss=twin ac=off",
+          "--results-dir", "{out}"),
+         130,
+         "engine (eager; compiled when bench_train has it) vs transformers vs transformers+Liger, 28,672 "
+         "packed tokens: tokens/s, MFU, peak memory"),
+    Step("train", "qwen2.5-1.5b",
+         ("benchmarks.bench_train", "--flavour", "qwen2.5-1.5b", *TRAIN_GPU),
+         None, 70,
          "the same at the ~1.5B shape", flavour="qwen2.5-1.5b"),
-    Step("profile", "engine-step", ("benchmarks.gpu_profile", "--out", "{out}"),
+    Step("profile", "engine-step",
+         ("benchmarks.gpu_profile", "--out", "{out}"),
          ("benchmarks.gpu_profile", "--smoke", "--out", "{out}"), 100,
          "one profiled engine step at the largest shape that fits (FSDP2, 1 rank): time by category, memory "
          "snapshot summary, chrome trace"),
-    Step("long_ce", "n4096-16384", ("benchmarks.bench_long_ce", "--tokens", "4096", "16384", "--modes", "fwd",
-         "fwd+bwd", "--warmup", "3", "--reps", "5", "--out-dir", "{out}"), None, 40,
+    Step("long_ce", "n4096-16384",
+         (*LONG_CE, "--tokens", "4096", "16384", "--modes", "fwd", "fwd+bwd", "--reps", "5"),
+         None, 40,
          "the same at N=4,096 and 16,384, fwd and fwd+bwd"),
-    Step("tests", "cpu-subset", (*PYTEST, "-m", CPU_MARK, "tests/kernels/test_long_ce_ref.py",
-         "tests/kernels/test_long_ce_triton_interp.py", "tests/models", "tests/data", "tests/train/test_train_units.py"),
+    Step("tests", "cpu-subset",
+         (*PYTEST, "-m", CPU_MARK, "tests/kernels/test_long_ce_ref.py",
+          "tests/kernels/test_long_ce_triton_interp.py", "tests/models", "tests/data",
+          "tests/train/test_train_units.py"),
          (*PYTEST, "-m", CPU_MARK, "tests/data/test_data_packing.py"), 25,
          "a CPU-suite subset under the node's torch / triton (JUnit rows)"),
 ]  # fmt: skip
@@ -104,8 +131,8 @@ assert sum(s.box_s for s in STEPS) <= DEFAULT_BUDGET_S
 def run_boxed(
     cmd: list[str], box_s: float, log: Path, env: dict | None, cwd: Path = ROOT
 ) -> tuple[int | None, float]:
-    """Run cmd in its own process group, output to `log` as it comes; past box_s, SIGTERM the group, then
-    SIGKILL 5 s later. Returns (exit code or None when killed, wall seconds)."""
+    """Run cmd in its own process group, output to `log` as it comes; past box_s the group is killed
+    (_kill_group). Returns (exit code, or None when killed; wall seconds)."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ " + shlex.join(cmd) + "\n")
@@ -116,24 +143,26 @@ def run_boxed(
         try:
             rc = p.wait(timeout=max(box_s, 0.1))
         except subprocess.TimeoutExpired:
-            _kill_group(p)
             rc = None
         except BaseException:  # interrupted (SIGTERM / SIGINT): take the step down with us
             _kill_group(p)
             raise
+        _kill_group(p)  # past its box; or done, with leftovers of its group
     return rc, time.perf_counter() - t0
 
 
 def _kill_group(p: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # 5 s to exit cleanly (flush files), then no choice
+    """SIGTERM the group (5 s to flush files and exit), then SIGKILL whatever of it is left (grandchildren too:
+    a bench_train worker or a torchrun rank must not hold the GPU into the next step)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(p.pid, sig)
-            p.wait(timeout=5)
-            return
         except ProcessLookupError:
             return
+        try:
+            p.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def _log_failures(log: Path) -> int:
@@ -231,7 +260,7 @@ def node_environment(args, cuda: bool) -> dict:
         "gpu_memory": f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB" if cuda else "",
         "driver": _driver() if cuda else "", "cuda": torch.version.cuda or "",
         "torch": torch.__version__, "python": platform.python_version(),
-        "platform": f"{platform.system()} {platform.machine()} {platform.libc_ver()[1] and 'glibc ' + platform.libc_ver()[1]}",
+        "platform": " ".join((platform.system(), platform.machine(), "glibc", platform.libc_ver()[1])),
         "git_sha": _sha(args.git_sha), "budget_s": args.budget_s, "elapsed_s": 0,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }  # fmt: skip

@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -198,31 +199,22 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
         profiled_s = step(2)
     memory: dict = {"method": "n/a on CPU: no allocator history; peak RSS only"}
     stem = f"{flavour}_T{tokens}"
+    snap = None
     if cuda:
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         memory = summarize_snapshot(snap, baseline)
-        stats = torch.cuda.memory_stats()
         memory.update(
             peak_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
             peak_reserved_mib=torch.cuda.max_memory_reserved() / 2**20,
-            alloc_retries=stats.get("num_alloc_retries", 0),
+            alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0),
             total_mib=torch.cuda.get_device_properties(info.device).total_memory / 2**20,
         )
-        blob = gzip.compress(pickle.dumps(snap), compresslevel=1)  # level 9 takes many seconds on 100 MB
-        if len(blob) <= SNAPSHOT_CAP:
-            (out / f"memory_snapshot_{stem}.pickle.gz").write_bytes(blob)
     else:
         from engine.metrics import max_memory_gb
 
         memory["peak_rss_mib"] = max_memory_gb(info.device) * 1024
     totals, top = category_times(prof.key_averages(), cuda)
-    trace = out / f"trace_{stem}.json"
-    prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb", compresslevel=1) as dst:
-        dst.write(src.read())
-    trace.unlink()
-
     stats = step_stats(steps[1])
     peak = peak_flops(info.device)
     summary = {
@@ -232,32 +224,36 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
         "mfu_doc": step_flops(model.args, stats["tokens"], stats["sum_sq_doc"]) / step_s / peak if peak else None,
         "category_s": totals, "category_top": top, "memory": memory,
     }  # fmt: skip
+    # The summary and rows first: the trace and the snapshot take the longest to write.
     (out / f"profile_{stem}.json").write_text(json.dumps(summary, indent=1))
     env = common.environment(info.device)
     shape = f"{flavour} T={tokens} {cfg.model.torch_dtype} ranks=1 ac=full"
-    mode = "profiled step"
-    rows = [
-        common.row(env, "engine", mode, "step_time", "s", shape, [step_s], fmt=".6g"),
-        common.row(
-            env, "engine", mode, "tokens_per_s", "tokens/s", shape, [summary["tokens_per_s"]], fmt=".6g"
-        ),
-    ]
+    rows: list[dict] = []
+
+    def add(metric: str, unit: str, value: float) -> None:
+        rows.append(common.row(env, "engine", "profiled step", metric, unit, shape, [value], fmt=".6g"))
+
+    add("step_time", "s", step_s)
+    add("tokens_per_s", "tokens/s", summary["tokens_per_s"])
     if summary["mfu_doc"] is not None:
-        rows.append(
-            common.row(env, "engine", mode, "mfu_doc", "fraction", shape, [summary["mfu_doc"]], fmt=".6g")
-        )
+        add("mfu_doc", "fraction", summary["mfu_doc"])
     kernel_total = sum(totals.values()) or 1.0
-    for c, s in totals.items():
-        rows.append(common.row(env, "engine", mode, f"time_{c}", "s", shape, [s], fmt=".6g"))
-        rows.append(
-            common.row(env, "engine", mode, f"share_{c}", "fraction", shape, [s / kernel_total], fmt=".6g")
-        )
+    for c, sec in totals.items():
+        add(f"time_{c}", "s", sec)
+        add(f"share_{c}", "fraction", sec / kernel_total)
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib"):
         if k in memory:
-            rows.append(
-                common.row(env, "engine", mode, k.removesuffix("_mib"), "MiB", shape, [memory[k]], fmt=".6g")
-            )
+            add(k.removesuffix("_mib"), "MiB", memory[k])
     common.append_rows(out / "profile.csv", rows)
+    if snap is not None:
+        blob = gzip.compress(pickle.dumps(snap), compresslevel=1)  # level 9 takes many seconds on 100 MB
+        if len(blob) <= SNAPSHOT_CAP:
+            (out / f"memory_snapshot_{stem}.pickle.gz").write_bytes(blob)
+    trace = out / f"trace_{stem}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
     shutdown_distributed()
     return summary
 

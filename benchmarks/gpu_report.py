@@ -24,6 +24,8 @@ PROVIDERS = {
 ERR_METRICS = ("err_loss", "err_dx", "err_dw")  # accuracy gate rows: error vs an fp32 reference
 
 MET, NOT_MET, NOT_MEASURED = "MET", "NOT MET", "NOT MEASURED"
+ENV_KEYS = ("gpu", "gpu_count", "gpu_memory", "driver", "cuda", "torch", "triton", "python", "platform", "git_sha",
+            "date", "budget_s", "elapsed_s", "packages", "peak_bf16_tflops", "gemm_bf16_tflops")  # fmt: skip
 
 
 def _f(x) -> float:
@@ -234,6 +236,28 @@ def _cell(s: object) -> str:
     return "n/a" if s is None else str(s).replace("|", "\\|").replace("\n", " ")
 
 
+def _profile_lines(profile: dict) -> list[str]:
+    """The profiled step (benchmarks/gpu_profile.py's summary json): time by category, memory."""
+    lines: list[str] = []
+    cat = profile["category_s"]
+    total = sum(cat.values()) or 1.0
+    lines += ["", f"## Profiled step: {profile['flavour']}, {profile['tokens']} tokens, {profile['dtype']}", "",
+              f"Step {profile['step_s']:.3f} s unprofiled ({profile['tokens_per_s']:.0f} tokens/s"
+              + (f", MFU {profile['mfu_doc']:.3f} doc convention" if profile.get("mfu_doc") else "")
+              + f"), {profile['profiled_step_s']:.3f} s profiled; kernel (CPU: op) self time by category:", "",
+              "| category | s | share | top names |", "|---|---|---|---|"]  # fmt: skip
+    for c, s in sorted(cat.items(), key=lambda kv: -kv[1]):
+        top = ", ".join(f"`{n[:60]}`" for n, _ in profile["category_top"].get(c, [])[:3])
+        lines.append(f"| {c} | {s:.4f} | {s / total:.1%} | {_cell(top)} |")
+    mem = profile["memory"]
+    lines += ["", "Memory: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in mem.items() if k != "peak_sites_mib")]  # fmt: skip
+    if mem.get("peak_sites_mib"):
+        lines += ["", "Live at the history's peak (MiB by allocation site):",
+                  *(f"- {site}: {mib:.0f}" for site, mib in mem["peak_sites_mib"])]  # fmt: skip
+    return lines
+
+
 def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list[dict], profile: dict | None,
                    n_rows: int) -> str:  # fmt: skip
     lines = [
@@ -243,9 +267,7 @@ def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list
         "",
         "| | |",
         "|---|---|",
-        *(f"| {k} | {_cell(env[k])} |" for k in ("gpu", "gpu_count", "gpu_memory", "driver", "cuda", "torch",
-                                                   "triton", "python", "platform", "git_sha", "date", "budget_s",
-                                                   "elapsed_s", "packages", "peak_bf16_tflops", "gemm_bf16_tflops")),
+        *(f"| {k} | {_cell(env.get(k))} |" for k in ENV_KEYS),
         "",
     ]  # fmt: skip
     if wheels:
@@ -276,22 +298,7 @@ def render_summary(env: dict, steps: list[dict], goals: list[dict], wheels: list
         lines.append(f"| {g['goal']} | {_cell(g['metric'])} | {_cell(g['threshold'])} | {g['source']} "
                      f"| **{g['status']}** | {_cell(g['measured'])} |")  # fmt: skip
     if profile:
-        cat = profile["category_s"]
-        total = sum(cat.values()) or 1.0
-        lines += ["", f"## Profiled step: {profile['flavour']}, {profile['tokens']} tokens, {profile['dtype']}", "",
-                  f"Step {profile['step_s']:.3f} s unprofiled ({profile['tokens_per_s']:.0f} tokens/s"
-                  + (f", MFU {profile['mfu_doc']:.3f} doc convention" if profile.get("mfu_doc") else "")
-                  + f"), {profile['profiled_step_s']:.3f} s profiled; kernel (CPU: op) self time by category:", "",
-                  "| category | s | share | top names |", "|---|---|---|---|"]  # fmt: skip
-        for c, s in sorted(cat.items(), key=lambda kv: -kv[1]):
-            top = ", ".join(f"`{n[:60]}`" for n, _ in profile["category_top"].get(c, [])[:3])
-            lines.append(f"| {c} | {s:.4f} | {s / total:.1%} | {_cell(top)} |")
-        mem = profile["memory"]
-        lines += ["", "Memory: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in mem.items() if k != "peak_sites_mib")]  # fmt: skip
-        if mem.get("peak_sites_mib"):
-            lines += ["", "Live at the history's peak (MiB by allocation site):",
-                      *(f"- {site}: {mib:.0f}" for site, mib in mem["peak_sites_mib"])]  # fmt: skip
+        lines += _profile_lines(profile)
     lines += ["", f"Rows: `gpu_check.csv` ({n_rows} long-format rows of every step); each step's folder (log.txt: "
               "its output; its own CSV, report, plot, junit.xml) in `steps.tar.gz`.", ""]  # fmt: skip
     return "\n".join(lines)

@@ -282,3 +282,30 @@ def test_log_counts_of_a_killed_pytest(tmp_path):
     assert counts == {"passed": 1, "failed": 1, "errors": 0, "skipped": 1} and bad == [
         "tests/a.py::test_bad[x]"
     ]
+
+
+def test_category_times_uses_kernel_self_time_on_cuda():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.gpu_profile import category_times
+
+    def ev(key, device_type, cpu_us=0.0, dev_us=0.0):
+        return SimpleNamespace(
+            key=key, device_type=device_type, self_cpu_time_total=cpu_us, self_device_time_total=dev_us
+        )
+
+    events = [
+        ev("aten::mm", DeviceType.CPU, cpu_us=50.0, dev_us=900.0),  # the op: its kernels are counted below
+        ev("sm90_xmma_gemm_bf16bf16_bf16f32", DeviceType.CUDA, dev_us=900.0),
+        ev("_rows_kernel", DeviceType.CUDA, dev_us=300.0),
+        ev("ncclDevKernel_AllGather_RING_LL", DeviceType.CUDA, dev_us=100.0),
+        ev("ProfilerStep#2", DeviceType.CPU, cpu_us=5000.0),
+    ]
+    totals, top = category_times(events, cuda=True)
+    assert totals["gemm"] == pytest.approx(900e-6) and totals["loss"] == pytest.approx(300e-6)
+    assert totals["communication"] == pytest.approx(100e-6) and sum(totals.values()) == pytest.approx(1300e-6)
+    cpu, _ = category_times(events, cuda=False)  # CPU: the ops' own time, the profiler's step marker left out
+    assert cpu["gemm"] == pytest.approx(50e-6) and sum(cpu.values()) == pytest.approx(50e-6)
+    assert top["gemm"][0][0].startswith("sm90_xmma_gemm")
