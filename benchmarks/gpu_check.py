@@ -5,7 +5,7 @@
     make gpu-check [GPU_PY=python3] [GPU_CHECK_ARGS=...]      (make gpu-wheels first, where a registry is)
 
 Uses the node's own Python and torch; never a registry. Wheels in .whl/ (benchmarks/gpu_wheels.py) that the
-node lacks are unpacked into a temporary directory put on the children's PYTHONPATH after the repository.
+node lacks are unpacked into <work>/site-packages, put on the children's PYTHONPATH after the repository.
 Then every step of STEPS runs as a subprocess (`python -m <argv>`) in its own process group with its own time
 box, in the table's order (its priority: the facts most wanted first); a step past its box is killed with its
 group and what it wrote stays. After every step the summary (summary.md, gpu_check.csv) is rewritten, so a kill
@@ -323,7 +323,7 @@ def _interrupt(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
 
 
-def _prepare(args, cuda: bool) -> tuple[Path, dict, dict, list[dict]]:
+def _prepare(args, cuda: bool, work: Path) -> tuple[Path, dict, dict, list[dict]]:
     """(results folder, environment of the run, children's environment, wheel records)."""
     env = node_environment(args, cuda)
     if args.out:
@@ -342,7 +342,7 @@ def _prepare(args, cuda: bool) -> tuple[Path, dict, dict, list[dict]]:
     wheels: list[dict] = []
     site = None
     if not args.dry_run and any(Path(args.wheels).glob("*.whl")):
-        site = Path(tempfile.mkdtemp(prefix="gpu_check_wheels_"))
+        site = work / "site-packages"
         wheels = install_wheels(Path(args.wheels), site)
         sys.path.append(str(site))  # after site-packages: the summary's versions see what was added
         env["packages"] = common.versions()
@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.budget_s = budget = args.budget_s or (DRY_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S)
     scale = budget / DEFAULT_BUDGET_S
-    out, env, child_env, wheels = _prepare(args, cuda)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_work_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out, env, child_env, wheels = _prepare(args, cuda, work)
     print(f"gpu check -> {out} (steps' folders: {work}; {env['gpu']}, torch {env['torch']}, "
           f"python {env['python']}, {budget:.0f} s)")  # fmt: skip
     steps = [{"part": s.part, "name": s.name, "status": "pending", "box_s": s.box_s * scale,

@@ -309,3 +309,33 @@ def test_category_times_uses_kernel_self_time_on_cuda():
     cpu, _ = category_times(events, cuda=False)  # CPU: the ops' own time, the profiler's step marker left out
     assert cpu["gemm"] == pytest.approx(50e-6) and sum(cpu.values()) == pytest.approx(50e-6)
     assert top["gemm"][0][0].startswith("sm90_xmma_gemm")
+
+
+def test_gpu_mode_installs_the_wheels_for_its_steps(monkeypatch, tmp_path):
+    """The non-dry path on a pretend GPU: a wheel the interpreter lacks is unpacked and importable in the steps
+    (the node has no registry, so this is how liger / cce / openai arrive), and the summary says so."""
+    import torch
+
+    from benchmarks import common
+
+    whl = tmp_path / "whl"
+    whl.mkdir()
+    _wheel(whl, "gpuc_probe-1.0-py3-none-any.whl", {
+        "gpuc_probe.py": "import sys\nprint('probe imported from', __file__)\n",
+        "gpuc_probe-1.0.dist-info/METADATA": "Name: gpuc-probe\nVersion: 1.0\n",
+    })  # fmt: skip
+    cpu_env = common.environment("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(common, "environment", lambda device: cpu_env)
+    real_env = gpu_check.node_environment
+    monkeypatch.setattr(gpu_check, "node_environment", lambda args, cuda: real_env(args, False))
+    probe = gpu_check.Step("x", "probe", ("gpuc_probe",), None, 60, "imports the wheel")
+    monkeypatch.setattr(gpu_check, "STEPS", [probe])
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--out", str(out), "--work", str(work), "--wheels", str(whl), "--git-sha", "abc1234"]
+    assert gpu_check.main(argv) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| x | probe | ok |" in summary and "installed: gpuc-probe" in summary
+    assert "probe imported from /" in (work / "01_x_probe" / "log.txt").read_text()
+    rows = list(csv.DictReader(open(out / "gpu_check.csv")))
+    assert rows and {r["git_sha"] for r in rows} <= {"abc1234", cpu_env["git_sha"]}
