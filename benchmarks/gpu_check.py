@@ -90,7 +90,7 @@ LONG_CE = ("benchmarks.bench_long_ce", "--warmup", "3", "--out-dir", "{out}")
 STEPS = [
     Step("tests", "gpu",
          (*PYTEST, "-m", "gpu", "tests"),
-         None, 90,
+         None, 85,
          "pytest -m gpu: bf16 parity, kernel at the Qwen2-7B shape, determinism, memory bounds, attention "
          "backends (JUnit rows)"),
     Step("long_ce", "n28672",
@@ -119,11 +119,11 @@ STEPS = [
          None, 40,
          "the same at N=4,096 and 16,384, fwd and fwd+bwd"),
     Step("tests", "cpu-subset",
-         (*PYTEST, "-m", CPU_MARK, "tests/kernels/test_long_ce_ref.py",
-          "tests/kernels/test_long_ce_triton_interp.py", "tests/models", "tests/data",
+         (*PYTEST, "-m", CPU_MARK, "tests/kernels/test_long_ce_ref.py", "tests/models", "tests/data",
           "tests/train/test_train_units.py"),
-         (*PYTEST, "-m", CPU_MARK, "tests/data/test_data_packing.py"), 25,
-         "a CPU-suite subset under the node's torch / triton (JUnit rows)"),
+         (*PYTEST, "-m", CPU_MARK, "tests/data/test_data_packing.py"), 30,
+         "a CPU-suite subset under the node's torch / transformers (JUnit rows; the Triton interpreter tests, "
+         "27 s, are left to /work/venv-compat's torch 2.11 + triton 3.6)"),
 ]  # fmt: skip
 assert sum(s.box_s for s in STEPS) <= DEFAULT_BUDGET_S
 
