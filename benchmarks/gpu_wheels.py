@@ -54,6 +54,11 @@ WHEELS = [
     ("pytest-timeout==2.4.0", "test", "pyproject's pytest `timeout` option"),
     ("accelerate==1.15.0", "test", "transformers' Trainer (tests/kernels/test_long_ce_hf_trainer.py)"),
     ("psutil==7.2.2", "test", "accelerate dependency (compiled, abi3)"),
+    (
+        "dashscope==2.0.2",
+        "test",
+        "test data: its qwen.tiktoken (Qwen2 BPE ranks) for the template tests; never imported",
+    ),
     ("quack-kernels==0.6.5", "quack", "bench_long_ce provider (needs the CUTLASS DSL below)"),
     ("nvidia-cutlass-dsl==4.8.1", "quack", "QuACK dependency"),
     ("nvidia-cutlass-dsl-libs-base==4.8.1", "quack", "CUTLASS DSL (3 MB)"),
