@@ -2,8 +2,10 @@
 read into rows, and the summary markdown (benchmarks/gpu_check.py writes it after every step).
 
 Each goal reads long-format rows (benchmarks/common.py) by provider, mode, metric and shape, and is MET, NOT MET,
-or NOT MEASURED with the reason (a row it needs is absent). PROVIDERS lists the bench_long_ce names a goal
-accepts, first found wins: the benchmark's providers are being renamed (issue 11), so the names live here, once.
+or NOT MEASURED with the reason (a row it needs is absent). A kernel goal holds at a flavour when it holds in
+every case measured there (bench_long_ce's input kinds x ignored fractions; the peak share at no ignored labels).
+PROVIDERS lists the bench_long_ce names each role accepts, first found wins (issue 11 renames the providers: both
+the old and the new names are here, once).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 
 KERNEL_SHAPES = ("qwen2-7b", "glm4-9b")  # issue 11's goal shapes, N = 28,672, bf16
 GOAL_TOKENS = 28672
-PROVIDERS = {
-    "ours_speed": ("ours_speed", "ours_triton"),
+PROVIDERS = {  # role -> bench_long_ce provider names, first found wins (main's names last)
+    "ours_speed": ("ours", "ours_triton"),
     "ours_recompute": ("ours_recompute",),
     "liger_fp32": ("liger_fp32",),
-    "cce_exact": ("cce_exact", "cce_filter_off", "cce_nofilter"),
+    "cce_exact": ("cce_exact",),
 }
 ERR_METRICS = ("err_loss", "err_dx", "err_dw")  # accuracy gate rows: error vs an fp32 reference
+ERR_SLACK = 1.1  # "equal or better error": ours <= 1.1 x theirs + 1e-6, as bench_long_ce's own goal lines
 
 MET, NOT_MET, NOT_MEASURED = "MET", "NOT MET", "NOT MEASURED"
 ENV_KEYS = ("gpu", "gpu_count", "gpu_memory", "driver", "cuda", "torch", "triton", "python", "platform", "git_sha",
@@ -32,27 +35,38 @@ def _f(x) -> float:
     return float(x)
 
 
-def _find(
-    rows: list[dict], role: str, metric: str, flavour: str, mode: str = "fwd+bwd"
-) -> tuple[float, str] | None:
-    """p50 of the bench_long_ce row of `role` (a PROVIDERS key) at flavour, N=28,672, bf16."""
+def _field(shape: str, key: str) -> str | None:
+    """A key=value field of a bench_long_ce shape, "qwen2-7b:N=28672,H=3584,V=152064,bfloat16[,inputs=..,ignore=..]"."""
+    for part in shape.split(":", 1)[-1].split(","):
+        if part.startswith(f"{key}="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def _cases(rows: list[dict], flavour: str, ignore0: bool = False) -> list[str]:
+    """The goal cases of a flavour: N=28,672 bf16 shapes (every input kind / ignored fraction measured);
+    ignore0: only those without ignored labels (where 6NHV is all useful work)."""
+    out = set()
+    for r in rows:
+        s = r["shape"]
+        if s.startswith(f"{flavour}:N={GOAL_TOKENS},") and "bfloat16" in s.split(","):
+            if not ignore0 or float(_field(s, "ignore") or 0) == 0:
+                out.add(s)
+    return sorted(out)
+
+
+def _p50(rows: list[dict], role: str, metric: str, shape: str) -> float | None:
+    """p50 of the fwd+bwd row of `role` (a PROVIDERS key) at exactly `shape`."""
     for name in PROVIDERS[role]:
         for r in rows:
-            s = r["shape"]
-            if (
-                (r["provider"], r["mode"], r["metric"]) == (name, mode, metric)
-                and s.startswith(f"{flavour}:N={GOAL_TOKENS},")
-                and s.endswith("bfloat16")
-            ):
-                return _f(r["p50"]), name
+            if (r["provider"], r["mode"], r["metric"], r["shape"]) == (name, "fwd+bwd", metric, shape):
+                return _f(r["p50"])
     return None
 
 
-def _dims(rows: list[dict], flavour: str) -> tuple[int, int, int] | None:
-    for r in rows:
-        if r["shape"].startswith(f"{flavour}:N={GOAL_TOKENS},"):
-            return tuple(int(r["shape"].split(f"{k}=")[1].split(",")[0]) for k in ("N", "H", "V"))
-    return None
+def _worst(values: list[float | None], worst=max) -> float | None:
+    """The worst case over a flavour's cases; None when a case is missing one of its numbers, or none ran."""
+    return None if not values or any(v is None for v in values) else worst(values)
 
 
 def _judge(parts: list[tuple[str, float | None, bool]], missing: str) -> tuple[str, str]:
@@ -69,11 +83,12 @@ def kernel_peak_share(rows: list[dict], env: dict) -> tuple[str, str]:
     peak = env.get("peak_bf16_tflops")
     parts = []
     for fl in KERNEL_SHAPES:
-        got = _find(rows, "ours_speed", "throughput", fl)
-        share = got[0] / peak if got and peak else None
-        parts.append((fl, share, share is not None and share >= 0.75))
+        tf = [_p50(rows, "ours_speed", "throughput", s) for s in _cases(rows, fl, ignore0=True)]
+        share = _worst(tf, min) / peak if _worst(tf, min) is not None and peak else None
+        parts.append((f"{fl} (lowest case)", share, share is not None and share >= 0.75))
     status, text = _judge(
-        parts, "bench_long_ce ours (speed) TFLOP/s" + ("" if peak else "; GPU peak unknown")
+        parts,
+        "bench_long_ce ours (speed) TFLOP/s, no ignored labels" + ("" if peak else "; GPU peak unknown"),
     )
     gemm = env.get("gemm_bf16_tflops")
     if (
@@ -83,13 +98,16 @@ def kernel_peak_share(rows: list[dict], env: dict) -> tuple[str, str]:
     return status, text
 
 
-def _ratio_goal(ours: str, other: str, metric: str = "time") -> Callable[[list[dict], dict], tuple[str, str]]:
+def _ratio_goal(ours: str, other: str) -> Callable[[list[dict], dict], tuple[str, str]]:
     def judge(rows: list[dict], env: dict) -> tuple[str, str]:
         parts = []
         for fl in KERNEL_SHAPES:
-            a, b = _find(rows, ours, metric, fl), _find(rows, other, metric, fl)
-            ratio = b[0] / a[0] if a and b else None  # other's time / ours: > 1 means ours is faster
-            parts.append((f"{fl} {other}/{ours}", ratio, ratio is not None and ratio > 1.0))
+            ratios = []
+            for s in _cases(rows, fl):
+                a, b = _p50(rows, ours, "time", s), _p50(rows, other, "time", s)
+                ratios.append(b / a if a and b else None)  # other's time / ours: > 1 means ours is faster
+            r = _worst(ratios, min)
+            parts.append((f"{fl} {other}/{ours} time (slowest case)", r, r is not None and r > 1.0))
         return _judge(parts, f"bench_long_ce providers {PROVIDERS[ours]} and {PROVIDERS[other]}")
 
     return judge
@@ -99,20 +117,27 @@ def kernel_error_not_worse(rows: list[dict], env: dict) -> tuple[str, str]:
     parts = []
     for fl in KERNEL_SHAPES:
         for other in ("liger_fp32", "cce_exact"):
-            for m in ERR_METRICS:
-                a, b = _find(rows, "ours_speed", m, fl), _find(rows, other, m, fl)
-                ratio = a[0] / max(b[0], 1e-30) if a and b else None
-                parts.append((f"{fl} {m} ours/{other}", ratio, ratio is not None and ratio <= 1.0))
+            excess = []  # ours / (1.1 x theirs + 1e-6), worst over cases and loss / dX / dW: <= 1 is MET
+            for s in _cases(rows, fl):
+                for m in ERR_METRICS:
+                    a, b = _p50(rows, "ours_speed", m, s), _p50(rows, other, m, s)
+                    excess.append(a / (ERR_SLACK * b + 1e-6) if a is not None and b is not None else None)
+            e = _worst(excess)
+            parts.append((f"{fl} ours/({ERR_SLACK} x {other}) error", e, e is not None and e <= 1.0))
     return _judge(parts, f"accuracy gate rows {ERR_METRICS}")
 
 
 def recompute_memory(rows: list[dict], env: dict) -> tuple[str, str]:
     parts = []
     for fl in KERNEL_SHAPES:
-        got, dims = _find(rows, "ours_recompute", "peak_memory", fl), _dims(rows, fl)
-        budget = (dims[0] * dims[1] + dims[2] * dims[1]) * 2 / 2**20 + 256 if dims else None  # dX + dW bf16
-        over = got[0] / budget if got and budget else None
-        parts.append((f"{fl} peak/(dX+dW+256MiB)", over, over is not None and over <= 1.0))
+        over = []
+        for s in _cases(rows, fl):
+            n, h, v = (int(_field(s, k)) for k in ("N", "H", "V"))
+            budget = (n * h + v * h) * 2 / 2**20 + 256  # dX + dW in bf16 + 256 MiB
+            got = _p50(rows, "ours_recompute", "peak_memory", s)
+            over.append(got / budget if got is not None else None)
+        o = _worst(over)
+        parts.append((f"{fl} peak/(dX+dW+256MiB)", o, o is not None and o <= 1.0))
     return _judge(parts, "bench_long_ce ours (recompute) peak_memory")
 
 
@@ -160,7 +185,7 @@ GOALS = [
     Goal("long-ce speed mode beats CCE", "time of CCE (filter_eps=None) / time of ours (speed), same run",
          "> 1 at both shapes", "issue 11", _ratio_goal("ours_speed", "cce_exact")),
     Goal("long-ce speed mode error", "ours (speed) loss / dX / dW error vs fp32 reference, over Liger fp32's and "
-         "CCE exact's", "<= 1 each", "issue 11", kernel_error_not_worse),
+         "CCE exact's (x 1.1 + 1e-6)", "<= 1 each", "issue 11", kernel_error_not_worse),
     Goal("long-ce recompute memory", "ours (recompute) fwd+bwd peak extra memory / (dX + dW + 256 MiB)",
          "<= 1 at both shapes", "issue 11", recompute_memory),
     Goal("long-ce recompute beats CCE", "time of CCE (filter_eps=None) / time of ours (recompute)",

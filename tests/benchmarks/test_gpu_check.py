@@ -118,13 +118,14 @@ def test_install_wheels_fills_gaps_only(tmp_path):
     )
 
 
-def _long_ce_rows(tflops: dict[str, float]) -> list[dict]:
-    dims = {"qwen2-7b": (3584, 152064), "glm4-9b": (4096, 151552)}
-    return [
-        {"provider": "ours_triton", "mode": "fwd+bwd", "metric": "throughput", "p50": str(tf),
-         "shape": f"{fl}:N=28672,H={dims[fl][0]},V={dims[fl][1]},bfloat16"}
-        for fl, tf in tflops.items()
-    ]  # fmt: skip
+DIMS = {"qwen2-7b": (3584, 152064), "glm4-9b": (4096, 151552)}
+
+
+def _lce(provider: str, metric: str, value: float, flavour: str, case: str = "") -> dict:
+    """A bench_long_ce row; case "" is main's shape format, ",inputs=..,ignore=.." issue 11's."""
+    h, v = DIMS[flavour]
+    return {"provider": provider, "mode": "fwd+bwd", "metric": metric, "p50": str(value),
+            "shape": f"{flavour}:N=28672,H={h},V={v},bfloat16{case}"}  # fmt: skip
 
 
 def _train_rows(engine: float, liger: float) -> list[dict]:
@@ -139,21 +140,44 @@ def _train_rows(engine: float, liger: float) -> list[dict]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "rows, kernel, train",
-    [
-        (_long_ce_rows({"qwen2-7b": 800, "glm4-9b": 760}) + _train_rows(30000, 19000), MET, MET),
-        (_long_ce_rows({"qwen2-7b": 800, "glm4-9b": 700}) + _train_rows(28000, 19000), NOT_MET, NOT_MET),
-        (_long_ce_rows({"qwen2-7b": 800}), NOT_MEASURED, NOT_MEASURED),
-    ],
-)
-def test_goals_are_judged_from_rows(rows, kernel, train):
+def test_goals_are_judged_from_rows():
     env = {"peak_bf16_tflops": 989.0}  # H200 dense bf16: 760 / 989 = 0.768, 700 / 989 = 0.708
-    got = {g["goal"]: g for g in judge_goals(rows, env)}
-    assert [g.name for g in GOALS] == list(got)
-    assert got["long-ce speed mode near peak"]["status"] == kernel
-    assert got["engine vs transformers+Liger, qwen2.5-0.5b"]["status"] == train
-    assert got["long-ce speed mode beats Liger"]["status"] == NOT_MEASURED  # no liger_fp32 rows at all
+    a, b = ",inputs=normal,ignore=0.0", ",inputs=peaked,ignore=0.5"
+
+    def judge(rows):
+        return {g["goal"]: g["status"] for g in judge_goals(rows, env)}
+
+    # main's provider name and shape format; glm4-9b missing -> not measured; no liger_fp32 rows at all
+    got = judge([_lce("ours_triton", "throughput", 800, "qwen2-7b"), *_train_rows(30000, 19000)])
+    assert list(got) == [g.name for g in GOALS]
+    assert got["long-ce speed mode near peak"] == NOT_MEASURED
+    assert got["long-ce speed mode beats Liger"] == NOT_MEASURED
+    assert got["engine vs transformers+Liger, qwen2.5-0.5b"] == MET  # 30000 / 19000 = 1.58
+    assert judge(_train_rows(28000, 19000))["engine vs transformers+Liger, qwen2.5-0.5b"] == NOT_MET  # 1.47
+    # issue 11's names and cases: the peak share is judged without ignored labels, ratios and errors in every case
+    rows = []
+    for fl, tf in (("qwen2-7b", 800), ("glm4-9b", 760)):
+        rows += [_lce("ours", "throughput", tf, fl, a), _lce("ours", "throughput", 500, fl, b)]
+        for case, ours_t, liger_t, ours_e, liger_e in ((a, 100, 120, 1.05e-3, 1e-3), (b, 90, 95, 1e-3, 1e-3)):
+            rows += [_lce("ours", "time", ours_t, fl, case), _lce("liger_fp32", "time", liger_t, fl, case)]
+            rows += [_lce("ours", m, ours_e, fl, case) for m in ("err_loss", "err_dx", "err_dw")]
+            rows += [_lce("liger_fp32", m, liger_e, fl, case) for m in ("err_loss", "err_dx", "err_dw")]
+    got = judge(rows)
+    assert got["long-ce speed mode near peak"] == MET
+    assert got["long-ce speed mode beats Liger"] == MET
+    assert got["long-ce speed mode error"] == NOT_MEASURED  # no cce_exact rows
+    slower = [dict(r, p50="130") if r["provider"] == "ours" and r["metric"] == "time" and b not in r["shape"]
+              else r for r in rows]  # fmt: skip
+    assert judge(slower)["long-ce speed mode beats Liger"] == NOT_MET  # one case slower is enough
+    low = [dict(r, p50="700") if r["metric"] == "throughput" and a in r["shape"] and "glm4" in r["shape"]
+           else r for r in rows]  # fmt: skip
+    assert judge(low)["long-ce speed mode near peak"] == NOT_MET
+    recompute = [
+        _lce("ours_recompute", "peak_memory", mib, fl, a)
+        for fl, mib in (("qwen2-7b", 1400), ("glm4-9b", 1700))
+    ]
+    # budgets: (28672 x 3584 + 152064 x 3584) x 2 B + 256 MiB = 1491.5 MiB; GLM-4-9B 1664.0 MiB
+    assert judge(recompute)["long-ce recompute memory"] == NOT_MET
 
 
 def test_junit_counts(tmp_path):
