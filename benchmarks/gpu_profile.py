@@ -48,9 +48,11 @@ MARGIN_GIB = 3.0  # CUDA context, allocator fragmentation and step temporaries t
 SNAPSHOT_CAP = 16 * 2**20  # the most one file brought back from a GPU runner may be
 CATEGORIES = [  # (category, regex on the lower-cased kernel / op name); the first match wins
     ("communication", r"nccl|c10d|all_?gather|reduce_?scatter|all_?reduce|gloo|record_param_comms|broadcast"),
-    ("loss", r"_rows_kernel|_dw_kernel|long_ce|cross_entropy|nll_loss|log_softmax|logsumexp"),
+    # kernels/: long_ce.py's rows / dW kernels, long_ce_recompute.py's stats / grad kernels (issue 11)
+    ("loss", r"_rows_kernel|_dw_kernel|_stats_kernel|_grad_kernel|long_ce|cross_entropy|nll_loss|log_softmax|"
+             r"logsumexp"),
     ("attention", r"flash|fmha|attention|sdpa|varlen|scaled_dot_product"),
-    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)$|"
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|_mm_f32_kernel|aten::(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)$|"
              r"^(mm|addmm|bmm)backward"),
     ("optimizer", r"adam|_foreach|multi_tensor|clip_grad"),
     # CUDA kernels by their families; CPU ops by the aten names of pointwise / reduction / copy ops

@@ -203,6 +203,8 @@ def test_junit_counts(tmp_path):
         ("void flash::flash_fwd_kernel<cutlass::bfloat16_t>", "attention"),
         ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
         ("_rows_kernel", "loss"),
+        ("_grad_kernel", "loss"),
+        ("_mm_f32_kernel", "gemm"),
         ("aten::_log_softmax", "loss"),
         ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
         ("c10d::allreduce_", "communication"),
