@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 NPROC ?= 2
 
-.PHONY: install demo test test-gpu test-all bench lint format clean
+.PHONY: install demo test test-gpu test-all bench lint format clean gpu-wheels gpu-check
 
 install: $(BIN)/.installed
 
@@ -35,6 +35,21 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_long_ce --quick
 	$(BIN)/python -m benchmarks.bench_data
 	$(BIN)/python -m benchmarks.bench_train --quick
+
+# The prepared GPU check (benchmarks/README.md). gpu-wheels runs where a registry is reachable and fills the
+# ignored .whl/ (pip download --no-deps --only-binary=:all: for each GPU_PYTHON); gpu-check runs on the GPU node
+# with the node's own python (GPU_PY), never the venv, never a registry.
+GPU_PYTHON ?= 3.12 3.11
+GPU_ARCH ?= x86_64
+GPU_WHEELS_ARGS ?=
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+
+gpu-wheels:
+	$(PY) -m benchmarks.gpu_wheels --python $(GPU_PYTHON) --arch $(GPU_ARCH) $(GPU_WHEELS_ARGS)
+
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
