@@ -165,6 +165,7 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
     from engine.config import Config
     from engine.metrics import peak_flops, step_flops
     from engine.parallel import init_distributed, shutdown_distributed
+    from engine.objectives import SFTObjective
     from engine.step import optimizer_step
     from engine.train import build_optimizer_and_schedule, build_sharded_model
 
@@ -184,7 +185,7 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
         common.synchronize(info.device)
         t = time.perf_counter()
         optimizer_step(
-            model, opt, sched, steps[k], loss_name="long-ce", max_grad_norm=1.0, device=info.device
+            model, opt, sched, steps[k], SFTObjective("long-ce"), max_grad_norm=1.0, device=info.device
         )
         common.synchronize(info.device)
         return time.perf_counter() - t
