@@ -40,6 +40,7 @@ from engine.checkpoint import (
 from engine.config import Config, parse_config, usage
 from engine.memory import plan_memory
 from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
+from engine.models.attn_backends import select_attn_impl
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
     DistInfo,
@@ -66,10 +67,12 @@ def build_sharded_model(cfg: Config, info: DistInfo):
 
     src, t = cfg.model.model, cfg.train
     pretrained = Path(src).is_dir()
+    # the kernel train() probed at start-up (cached): the model holds a concrete impl, never "auto"
+    attn = select_attn_impl(cfg.model.attn_impl, info.device, DTYPES[cfg.model.torch_dtype]).name
     if pretrained:
-        model = load_pretrained(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+        model = load_pretrained(src, dtype=torch.float32, device="meta", attn_impl=attn)
     else:
-        model = build_model(src, dtype=torch.float32, device="meta", attn_impl=cfg.model.attn_impl)
+        model = build_model(src, dtype=torch.float32, device="meta", attn_impl=attn)
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
     # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
     model.loss_fn = functools.partial(
@@ -180,6 +183,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
     out = Path(c.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    # an explicit --attn_impl that cannot run here fails now, before any data or weights are loaded
+    attn = select_attn_impl(cfg.model.attn_impl, device, DTYPES[cfg.model.torch_dtype])
     resume = resolve_resume(out, c.resume_from_checkpoint)
     if (resume is None or c.resume_only_model) and list_checkpoints(out):
         raise ValueError(
@@ -230,6 +235,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
         f"{steps_per_epoch} steps/epoch, {total} steps" + (f", resumed from {resume}" if resume else "")
     )
     log.write(plan.format())
+    for line in [attn.describe(), *attn.warnings()]:
+        log.write(line)
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )

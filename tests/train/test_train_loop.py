@@ -287,3 +287,16 @@ def test_glm4_flavour_trains_and_exports(data, tmp_path):
     with torch.no_grad():
         logits = hf(PROBE_IDS).logits.float()
     torch.testing.assert_close(logits, s["probe"], rtol=1e-4, atol=1e-4)
+
+
+def test_unusable_attn_impl_fails_before_data_or_model(data, tmp_path, monkeypatch):
+    """An explicit --attn_impl whose kernel cannot run here (no CUDA / fp32 / a broken package) is an error
+    naming why, raised before the dataset or the model is built."""
+
+    def never(*a, **k):
+        raise AssertionError("built data or model before checking attn_impl")
+
+    monkeypatch.setattr(train_mod, "build_data", never)
+    monkeypatch.setattr(train_mod, "build_sharded_model", never)
+    with pytest.raises(ValueError, match="attn_impl='flash' cannot be used: needs"):
+        run_inprocess(args(data, tmp_path / "out", attn_impl="flash"))
