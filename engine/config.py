@@ -80,6 +80,9 @@ class CheckpointConfig:
     save_steps: int = 500  # 0 = only at the end (and on SIGTERM)
     save_total_limit: int | None = None  # None (or -1): keep every checkpoint
     save_only_model: bool = False
+    # what a SIGTERM (preemption, torchrun / scheduler shutdown) saves before exiting: "full" (exact resume),
+    # "model" (weights + data/schedule/RNG position, ~1/3 of the bytes: resume restarts AdamW's moments), "none"
+    save_on_sigterm: str = field(default="full", metadata=_choices("full", "model", "none"))
     save_final: bool = True  # output_dir/final: consolidated HF safetensors
     final_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import (
+    checkpoint_info,
+    directory_bytes,
     export_hf,
     list_checkpoints,
     load_checkpoint,
@@ -36,6 +38,7 @@ from engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sigterm_advice,
 )
 from engine.config import Config, parse_config, usage
 from engine.memory import plan_memory
@@ -211,9 +214,14 @@ def train(cfg: Config, *, on_step=None) -> dict:
         )
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, total)
 
-    step = 0
+    step, resumed_note = 0, None
     if resume is not None:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, only_model=c.resume_only_model)
+        if state is not None and not checkpoint_info(resume).get("has_optimizer", True):
+            resumed_note = (
+                f"{resume.name} holds no optimizer state (--save_on_sigterm model / --save_only_model): weights, "
+                "step, LR schedule, data position and RNG continue; AdamW's moments restart from zero"
+            )
         if state is not None:  # exact resume: schedule, data position, RNG
             step = state["step"]
             scheduler.load_state_dict(state["scheduler"])
@@ -235,6 +243,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
         f"{steps_per_epoch} steps/epoch, {total} steps" + (f", resumed from {resume}" if resume else "")
     )
     log.write(plan.format())
+    if resumed_note:
+        log.write(resumed_note)
     for line in [attn.describe(), *attn.warnings()]:
         log.write(line)
     log.write(
@@ -249,13 +259,25 @@ def train(cfg: Config, *, on_step=None) -> dict:
             "loader": train_loader.state_dict(), "rng": rng_state(device),
         }  # fmt: skip
 
-    def save(reason: str) -> Path:
+    saves = []  # seconds of each save, for the SIGTERM advice after the first
+
+    def save(reason: str, *, with_optimizer: bool = not c.save_only_model) -> Path:
+        t_save = time.perf_counter()
         path = save_checkpoint(
-            out / f"checkpoint-{step}", model=model, optimizer=None if c.save_only_model else optimizer,
+            out / f"checkpoint-{step}", model=model, optimizer=optimizer if with_optimizer else None,
             rank_state=boundary, info={"step": step, "epoch": step / steps_per_epoch, "reason": reason, "config": cfg.to_dict()},
             save_total_limit=c.save_total_limit,
         )  # fmt: skip
-        log.write(f"saved {path} ({reason})")
+        saves.append(time.perf_counter() - t_save)
+        log.write(f"saved {path} ({reason}, {saves[-1]:.1f} s)")
+        if len(saves) == 1 and rank == 0:  # how long a SIGTERM save takes, and what the launcher must allow
+            log.write(
+                sigterm_advice(
+                    seconds=saves[0], nbytes=directory_bytes(path), name=path.name, choice=c.save_on_sigterm,
+                    model_bytes=4 * sum(p.numel() for p in model.parameters()),  # fp32 master weights
+                    micro_batch_s=last_step_s / t.gradient_accumulation_steps,
+                )
+            )  # fmt: skip
         return path
 
     def log_eval() -> None:
@@ -264,7 +286,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
 
     stop = _Stop()
     peak = peak_flops(device)
-    bad_in_row, skipped, losses, last_saved, stopped = 0, 0, [], None, False
+    bad_in_row, skipped, losses, last_saved, stopped, last_step_s = 0, 0, [], None, False, 0.0
     boundary = snapshot()
     t_start = time.perf_counter()
     try:
@@ -283,7 +305,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     stopped = True
                     break
                 step += 1
-                dt = time.perf_counter() - t0
+                dt = last_step_s = time.perf_counter() - t0
                 finite, grad_norm = res["finite"], res["grad_norm"]
                 bad_in_row = 0 if finite else bad_in_row + 1
                 skipped += not finite
@@ -321,8 +343,14 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 if step >= total:
                     break
                 t0 = time.perf_counter()  # a step's time includes loading its batch, not evals or saves
-        if stopped:
-            save("SIGTERM")
+        if stopped and c.save_on_sigterm == "none":
+            log.write(f"stopped by SIGTERM after step {step}; not saved (--save_on_sigterm none)")
+        elif stopped and last_saved is not None and last_saved.name == f"checkpoint-{step}":
+            log.write(
+                f"stopped by SIGTERM after step {step}, saved just before; resume with --resume_from_checkpoint latest"
+            )
+        elif stopped:
+            save("SIGTERM", with_optimizer=c.save_on_sigterm == "full" and not c.save_only_model)
             log.write(f"stopped by SIGTERM after step {step}; resume with --resume_from_checkpoint latest")
         else:
             if last_saved is None or last_saved.name != f"checkpoint-{step}":

@@ -85,19 +85,11 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
     assert len(list((tmp_path / "cache").glob("lengths-*.npz"))) == 1
 
 
-@pytest.mark.slow
-def test_sigterm_under_torchrun_then_resume(data, tmp_path):
-    """SIGTERM to the torchrun agent mid-run: it forwards the signal, the ranks agree to stop, save a
-    checkpoint and exit; `--resume_from_checkpoint latest` then completes the same trajectory as a 1-rank
-    uninterrupted run (world-size invariance makes that the reference)."""
+def sigterm_torchrun(argv: list[str], out) -> tuple[int, str]:
+    """Launch 2 ranks under torchrun, SIGTERM the agent once step 1 is logged; (exit code, output)."""
     import signal
     import time
 
-    from engine.checkpoint import list_checkpoints
-
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    run_inprocess(base_args(data, ref, max_steps=12, gradient_accumulation_steps=4))
-    argv = base_args(data, out, max_steps=12, gradient_accumulation_steps=2)
     p = subprocess.Popen(torchrun_cmd(2, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 180
@@ -107,6 +99,20 @@ def test_sigterm_under_torchrun_then_resume(data, tmp_path):
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     log = p.communicate(timeout=120)[0]
+    return p.returncode, log
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_then_resume(data, tmp_path):
+    """SIGTERM to the torchrun agent mid-run: it forwards the signal, the ranks agree to stop, save a
+    checkpoint and exit; `--resume_from_checkpoint latest` then completes the same trajectory as a 1-rank
+    uninterrupted run (world-size invariance makes that the reference)."""
+    from engine.checkpoint import list_checkpoints
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_inprocess(base_args(data, ref, max_steps=12, gradient_accumulation_steps=4))
+    argv = base_args(data, out, max_steps=12, gradient_accumulation_steps=2)
+    _, log = sigterm_torchrun(argv, out)
     saved = [s for s, _ in list_checkpoints(out)]
     assert saved and saved[-1] < 12 and not (out / "final").exists(), log[-3000:]
     assert "stopped by SIGTERM" in log
@@ -115,6 +121,29 @@ def test_sigterm_under_torchrun_then_resume(data, tmp_path):
     assert [r["step"] for r in s_run] == list(range(1, 13))
     for a, b in zip(s_ref, s_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("choice", ["full", "model", "none"])
+def test_sigterm_under_torchrun_saves_what_save_on_sigterm_says(data, tmp_path, choice):
+    """Each --save_on_sigterm choice under the real launcher: the ranks stop together between micro-batches
+    and write a full checkpoint, a weights-only one, or none; the first save prints its time and the
+    launcher timeout it needs."""
+    from engine.checkpoint import checkpoint_info, list_checkpoints
+
+    argv = base_args(data, tmp_path, max_steps=40, gradient_accumulation_steps=2, save_on_sigterm=choice)
+    _, log = sigterm_torchrun(argv, tmp_path)
+    assert "stopped by SIGTERM" in log, log[-3000:]
+    saved = list_checkpoints(tmp_path)
+    if choice == "none":
+        assert saved == [] and "not saved (--save_on_sigterm none)" in log
+        return
+    ((step, path),) = saved
+    assert 1 <= step < 40 and checkpoint_info(path)["has_optimizer"] is (choice == "full")
+    assert checkpoint_info(path)["world_size"] == 2 and len(list(path.glob("rank*.pt"))) == 2
+    assert (
+        f"--save_on_sigterm {choice}) the run finishes its micro-batch" in log
+        and "between SIGTERM and SIGKILL" in log
+    )
 
 
 def test_make_demo(tmp_path):

@@ -300,3 +300,29 @@ def test_unusable_attn_impl_fails_before_data_or_model(data, tmp_path, monkeypat
     monkeypatch.setattr(train_mod, "build_sharded_model", never)
     with pytest.raises(ValueError, match="attn_impl='flash' cannot be used: needs"):
         run_inprocess(args(data, tmp_path / "out", attn_impl="flash"))
+
+
+def test_sigterm_model_save_resumes_position_with_fresh_optimizer(data, baseline, tmp_path, capsys):
+    """--save_on_sigterm model writes weights + this rank's state only; --resume_from_checkpoint latest
+    continues step, LR schedule, data and RNG (step 3 = the uninterrupted step 3 exactly: same weights,
+    batch and noise) with AdamW's moments restarted (so step 4 differs), and says so."""
+    from engine.checkpoint import checkpoint_info
+
+    out_a, _ = baseline
+
+    def kill_at_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    s = run_inprocess(args(data, tmp_path, save_on_sigterm="model"), on_step=kill_at_2)
+    assert s["stopped"] and checkpoint_info(tmp_path / "checkpoint-2")["has_optimizer"] is False
+    err = capsys.readouterr().err
+    assert "(SIGTERM, " in err and "--save_on_sigterm model) the run finishes its micro-batch" in err
+    run_inprocess(args(data, tmp_path, resume_from_checkpoint="latest"))
+    assert "AdamW's moments restart from zero" in capsys.readouterr().err
+    ref, got = train_steps(out_a), train_steps(tmp_path)
+    assert [r["step"] for r in got] == [1, 2, 3, 4] and [r["lr"] for r in got] == [r["lr"] for r in ref]
+    assert got[2]["loss"] == pytest.approx(ref[2]["loss"], rel=1e-6)
+    assert got[3]["num_tokens"] == ref[3]["num_tokens"] and got[3]["loss"] != pytest.approx(
+        ref[3]["loss"], rel=1e-6
+    )
