@@ -72,6 +72,8 @@ class TrainConfig:
     neftune_noise_alpha: float = 0.0  # 0 = off
     loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "mean"))
     max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row
+    # seconds a collective may wait before the process group aborts (HF's default; ms-swift's is ~infinite)
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -272,6 +274,7 @@ def validate(cfg: Config) -> None:
     need(t.gradient_checkpointing_every >= 1, "gradient_checkpointing_every", "must be >= 1")
     need(t.neftune_noise_alpha >= 0, "neftune_noise_alpha", "must be >= 0")
     need(t.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+    need(t.ddp_timeout > 0, "ddp_timeout", "must be > 0 (seconds)")
     need(c.save_steps >= 0, "save_steps", "must be >= 0")
     need(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit", "must be >= 1")
     need(

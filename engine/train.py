@@ -42,7 +42,7 @@ from engine.checkpoint import (
 )
 from engine.config import Config, parse_config, usage
 from engine.memory import plan_memory
-from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
+from engine.metrics import MetricsLogger, memory_record, peak_flops, row_counts, throughput
 from engine.models.attn_backends import select_attn_impl
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
@@ -178,12 +178,12 @@ class _Stop:
 
 def train(cfg: Config, *, on_step=None) -> dict:
     """Run one training job; returns a summary. on_step(step, record) is called on every rank (tests)."""
-    info = init_distributed()
+    out = Path(cfg.checkpoint.output_dir)
+    info = init_distributed(timeout_s=cfg.train.ddp_timeout, trace_dir=str(out / "comm_traces"))
     rank, device, t, c = info.rank, info.device, cfg.train, cfg.checkpoint
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)  # per-rank stream (NEFTune noise); model init has its own generators
-    out = Path(c.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     # an explicit --attn_impl that cannot run here fails now, before any data or weights are loaded
@@ -309,15 +309,13 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 finite, grad_norm = res["finite"], res["grad_norm"]
                 bad_in_row = 0 if finite else bad_in_row + 1
                 skipped += not finite
+                rows = all_reduce_floats(row_counts(micro_batches), torch.device("cpu"))  # gloo: no GPU sync
                 record = {
                     "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": res["loss"], "lr": lr,
                     "grad_norm": grad_norm, "num_tokens": res["num_tokens"], "tokens": res["tokens"],
-                    "tokens_per_s": res["tokens"] / dt, "step_time_s": dt,
-                    "max_memory_gb": round(max_memory_gb(device), 3),
+                    **throughput(model.args, res, rows, dt, info.world_size, peak), "step_time_s": dt,
+                    **memory_record(device),
                 }  # fmt: skip
-                if peak:
-                    flops = step_flops(model.args, res["tokens"], res["sum_sq"])
-                    record["mfu"] = flops / dt / (peak * info.world_size)
                 if not finite:
                     record["skipped"] = True
                 losses.append(res["loss"])
@@ -331,7 +329,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 if not cfg.log.progress_bar and step % cfg.log.logging_steps == 0:
                     log.write(
                         f"step {step}/{total} loss {res['loss']:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-                        f"tokens/s {record['tokens_per_s']:.0f}"
+                        f"tokens/s/GPU {record['tokens_per_s_per_gpu']:.0f}"
                     )
                 if on_step is not None:
                     on_step(step, record)

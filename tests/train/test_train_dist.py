@@ -45,6 +45,7 @@ def test_world_size_invariance(tmp_path):
         assert a["num_tokens"] == b["num_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["tokens_per_s_per_gpu"] == pytest.approx(b["tokens_per_s_global"] / 2)  # 2 ranks
     assert all(r["grad_norm"] > 0.5 for r in s1)  # clipping was exercised
     assert s1[3]["num_tokens"] < min(r["num_tokens"] for r in s1[:3]) / 2  # the partial step with fillers
     w1, w2 = load_final(one), load_final(two)

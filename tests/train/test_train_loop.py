@@ -109,7 +109,8 @@ def test_loss_falls_and_metrics_lines(baseline):
     steps = train_steps(out)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
-        for key in ("epoch", "loss", "lr", "grad_norm", "num_tokens", "tokens_per_s", "max_memory_gb"):
+        for key in ("epoch", "loss", "lr", "grad_norm", "num_tokens", "tokens_per_s_global", "tokens_per_s_per_gpu",
+                    "max_memory_gb"):  # fmt: skip
             assert key in r
     assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == pytest.approx(3e-3)  # 1 warmup step, then cosine
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -326,3 +327,13 @@ def test_sigterm_model_save_resumes_position_with_fresh_optimizer(data, baseline
     assert got[3]["num_tokens"] == ref[3]["num_tokens"] and got[3]["loss"] != pytest.approx(
         ref[3]["loss"], rel=1e-6
     )
+
+
+def test_mfu_in_both_conventions_when_the_peak_is_known(data, tmp_path, monkeypatch):
+    """With a peak (a GPU's; faked here) each step logs mfu_causal and mfu_full_attn; packed rows of
+    several documents read higher in the full-attention convention."""
+    monkeypatch.setattr(train_mod, "peak_flops", lambda device: 1e12)
+    run_inprocess(args(data, tmp_path, max_steps=1))
+    (r,) = train_steps(tmp_path)
+    assert 0 < r["mfu_causal"] < r["mfu_full_attn"]
+    assert r["tokens_per_s_per_gpu"] == r["tokens_per_s_global"]  # one rank
