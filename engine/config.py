@@ -97,6 +97,8 @@ class LogConfig:
     logging_steps: int = 1
     report_to: list[str] = field(default_factory=list)  # "tensorboard"
     progress_bar: bool = True
+    # "A,B" (or "A"): torch.profiler trace + CUDA memory snapshot of optimizer steps A..B into output_dir/profile
+    profile_steps: str | None = None
 
 
 @dataclass
@@ -248,6 +250,22 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     return config_file, out
 
 
+def step_range(text: str | None) -> tuple[int, int] | None:
+    """--profile_steps "A,B" (or "A") -> (A, B), 1-based optimizer steps, inclusive; ValueError if malformed."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        first, last = int(parts[0]), int(parts[-1])
+    except ValueError:
+        first = last = 0
+    if len(parts) > 2 or not 1 <= first <= last:
+        raise ValueError(
+            f"bad value {text!r} for 'profile_steps': expected A,B with 1 <= A <= B (or one step A)"
+        )
+    return first, last
+
+
 def validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str):
         if not ok:
@@ -284,6 +302,7 @@ def validate(cfg: Config) -> None:
     )
     need(lg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(lg.logging_steps >= 1, "logging_steps", "must be >= 1")
+    step_range(lg.profile_steps)
     for r in lg.report_to:
         need(r in ("tensorboard", "none"), "report_to", f"unknown backend {r!r} (tensorboard | none)")
     need(bool(d.dataset), "dataset", "at least one dataset is required")

@@ -40,7 +40,7 @@ from engine.checkpoint import (
     set_rng_state,
     sigterm_advice,
 )
-from engine.config import Config, parse_config, usage
+from engine.config import Config, parse_config, step_range, usage
 from engine.memory import plan_memory
 from engine.metrics import MetricsLogger, memory_record, peak_flops, row_counts, throughput
 from engine.models.attn_backends import select_attn_impl
@@ -55,6 +55,7 @@ from engine.parallel import (
     random_init_tensors,
     shutdown_distributed,
 )
+from engine.profiling import StepProfiler
 from engine.step import all_reduce_floats, evaluate, optimizer_step
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -285,6 +286,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         log.log({"step": step, "epoch": epoch, "eval_loss": evaluate(model, val_loader, device)})
 
     stop = _Stop()
+    prof = StepProfiler(step_range(cfg.log.profile_steps), out, rank, device)
     peak = peak_flops(device)
     bad_in_row, skipped, losses, last_saved, stopped, last_step_s = 0, 0, [], None, False, 0.0
     boundary = snapshot()
@@ -297,6 +299,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             t0 = time.perf_counter()
             for micro_batches in train_loader:
                 lr = scheduler.get_last_lr()[0]
+                prof.begin(step + 1)
                 res = optimizer_step(
                     model, optimizer, scheduler, micro_batches, loss_name=t.loss_name,
                     max_grad_norm=cfg.optim.max_grad_norm, device=device, stop=stop,
@@ -306,6 +309,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     break
                 step += 1
                 dt = last_step_s = time.perf_counter() - t0
+                if prof.end(step) is not None:  # after dt: writing the trace is not the step's time
+                    log.write(f"profile of steps {cfg.log.profile_steps} written to {prof.dir}")
                 finite, grad_norm = res["finite"], res["grad_norm"]
                 bad_in_row = 0 if finite else bad_in_row + 1
                 skipped += not finite
@@ -359,6 +364,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 export_hf(model, out / "final", tokenizer=tokenizer, dtype=DTYPES[c.final_dtype])
                 log.write(f"exported {out / 'final'}")
     finally:
+        if prof.close() is not None:
+            log.write(f"profile of steps {cfg.log.profile_steps} (stopped inside) in {prof.dir}")
         stop.restore()
         log.close()
     return {

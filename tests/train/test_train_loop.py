@@ -337,3 +337,19 @@ def test_mfu_in_both_conventions_when_the_peak_is_known(data, tmp_path, monkeypa
     (r,) = train_steps(tmp_path)
     assert 0 < r["mfu_causal"] < r["mfu_full_attn"]
     assert r["tokens_per_s_per_gpu"] == r["tokens_per_s_global"]  # one rank
+
+
+def test_profile_steps_write_a_trace_of_those_steps(data, tmp_path):
+    """--profile_steps 2,3: a Chrome trace per rank of steps 2 and 3 only (their ranges and the ops inside),
+    an op table; on CUDA also the allocator's memory snapshot."""
+    import json
+
+    run_inprocess(args(data, tmp_path, max_steps=4, profile_steps="2,3"))
+    d = tmp_path / "profile" / "steps_2-3"
+    trace = json.loads((d / "rank0.trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"step_2", "step_3"} <= names and "step_1" not in names and "step_4" not in names
+    assert any(n and n.startswith("aten::") and "mm" in n for n in names), sorted(n for n in names if n)[:50]
+    assert "aten::" in (d / "rank0.ops.txt").read_text()
+    assert (d / "rank0.memory.pickle").is_file() == torch.cuda.is_available()
+    assert len(train_steps(tmp_path)) == 4

@@ -93,6 +93,9 @@ def test_every_flag_of_the_issues_exists():
         ("dataset: a\n", ["--gradient_checkpointing", "maybe"], "'gradient_checkpointing'"),
         ("learning_rate: 1e-5\n", [], "'dataset'"),
         ("dataset: a\nval_dataset: b\n", ["--split_dataset_ratio", "0.1"], "'split_dataset_ratio'.*not both"),
+        ("dataset: a\n", ["--profile_steps", "3,2"], "'profile_steps'.*1 <= A <= B"),
+        ("dataset: a\n", ["--profile_steps", "x"], "'profile_steps'"),
+        ("dataset: a\n", ["--save_on_sigterm", "half"], "'save_on_sigterm'.*full, model, none"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, argv, match):
