@@ -71,6 +71,9 @@ class TrainConfig:
     gradient_checkpointing_every: int = 1  # checkpoint every k-th decoder layer
     neftune_noise_alpha: float = 0.0  # 0 = off
     loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "mean"))
+    # options of the fused loss (kernels.linear_cross_entropy), in training and evaluation alike (as HF):
+    label_smoothing_factor: float = 0.0  # HF TrainingArguments' name (ms-swift inherits it)
+    z_loss: float = 0.0  # + z_loss * logsumexp(logits)^2 per target token (PaLM's auxiliary loss, 1e-4)
     max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row
     # seconds a collective may wait before the process group aborts (HF's default; ms-swift's is ~infinite)
     ddp_timeout: int = 1800
@@ -292,6 +295,8 @@ def validate(cfg: Config) -> None:
     need(t.gradient_checkpointing_every >= 1, "gradient_checkpointing_every", "must be >= 1")
     need(t.neftune_noise_alpha >= 0, "neftune_noise_alpha", "must be >= 0")
     need(t.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+    need(0 <= t.label_smoothing_factor < 1, "label_smoothing_factor", "must be in [0, 1)")
+    need(t.z_loss >= 0, "z_loss", "must be >= 0")
     need(t.ddp_timeout > 0, "ddp_timeout", "must be > 0 (seconds)")
     need(c.save_steps >= 0, "save_steps", "must be >= 0")
     need(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit", "must be >= 1")

@@ -80,8 +80,9 @@ def build_sharded_model(cfg: Config, info: DistInfo):
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
     # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
     model.loss_fn = functools.partial(
-        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False
-    )
+        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False,
+        label_smoothing=t.label_smoothing_factor, z_loss=t.z_loss,
+    )  # fmt: skip
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
         apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
