@@ -28,17 +28,26 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
-def test_world_size_invariance(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """4 steps of 2 ranks x 2 micro-batches on 15 samples, its final checkpoint-4 and fp32 HF export."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    data = make_dataset(root / "train15.jsonl", n=15)
+    run_torchrun(
+        2,
+        base_args(data, root / "two", gradient_accumulation_steps=2, save_final=True, final_dtype="float32"),
+    )
+    return data, root / "two"
+
+
+def test_world_size_invariance(two_ranks, tmp_path):
     """1 rank x 4 micro-batches == 2 ranks x 2 micro-batches: losses, clipped global grad norms, weights.
     max_grad_norm 0.5 makes every step clip, so the DTensor-sharded norm is checked against one process.
     15 samples pack into 13 rows: step 4 holds 1 row and 3 filler rows, so in the 2-rank run rank 1 runs
     two all-filler micro-batches (no target) and must still join every collective."""
-    data = make_dataset(tmp_path / "train15.jsonl", n=15)
-    one, two = tmp_path / "one", tmp_path / "two"
+    data, two = two_ranks
+    one = tmp_path / "one"
     run_inprocess(base_args(data, one, gradient_accumulation_steps=4, save_final=True, final_dtype="float32"))
-    run_torchrun(
-        2, base_args(data, two, gradient_accumulation_steps=2, save_final=True, final_dtype="float32")
-    )
     s1, s2 = train_steps(one), train_steps(two)
     assert len(s1) == len(s2) == 4
     for a, b in zip(s1, s2):
@@ -52,6 +61,34 @@ def test_world_size_invariance(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
+
+
+def test_export_a_two_rank_checkpoint_in_one_process(two_ranks, tmp_path):
+    """python -m engine.export on the 2-rank DCP checkpoint, in one process: the same tensors as the run's
+    own fp32 final/ export, a directory transformers loads, and its logits equal the engine's."""
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from engine.models import load_pretrained
+
+    _, two = two_ranks
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "engine.export", str(two / "checkpoint-4"), str(out), "--dtype", "float32"]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(out / "model.safetensors")), load_final(two)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    ids = torch.tensor([[257, 72, 101, 108, 108, 111, 258, 10, 257, 33]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    ours = load_pretrained(out, dtype=torch.float32, attn_impl="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "engine.export", str(two), str(tmp_path / "x")], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "not a complete training checkpoint" in bad.stderr
 
 
 def test_two_node_launch_trains_a_step(data, tmp_path):
