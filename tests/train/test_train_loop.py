@@ -57,12 +57,12 @@ def test_resume_from_checkpoint_matches_uninterrupted(data, baseline, tmp_path, 
                                 final_dtype="float32", **loading))  # fmt: skip
     steps_a, steps_b = train_steps(out_a), train_steps(tmp_path)
     assert [r["step"] for r in steps_b] == [3, 4]
+    # bit-exact on CPU (deterministic kernels, same thread count): every loss and every weight bit
     for ra, rb in zip(steps_a[2:], steps_b):
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), (ra, rb)
+        assert rb["loss"] == ra["loss"] and rb["grad_norm"] == ra["grad_norm"], (ra, rb)
         assert rb["lr"] == ra["lr"] and rb["num_tokens"] == ra["num_tokens"]
     wa, wb = load_final(out_a), load_final(tmp_path)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(wb[k], wa[k]) for k in wa)
     assert b["steps"] == 4
 
 
@@ -386,3 +386,19 @@ def test_label_smoothing_and_z_loss_flags_reach_the_kernel(data, tmp_path, monke
     assert got == pytest.approx(want.item(), rel=1e-5)
     plain = F.cross_entropy(z, y, ignore_index=-100, reduction="sum").item()
     assert abs(got - plain) > 1e-3 * abs(plain)  # the options changed the loss
+
+
+@pytest.mark.gpu
+def test_gpu_resume_within_bf16_noise(data, tmp_path):
+    """On CUDA (bf16, the probed attention kernel, the Triton loss) resume is not bit-exact: flash-attn's
+    and varlen's backward accumulate dQ with atomics, so the order of float additions varies run to run. It
+    must still follow the uninterrupted run: the same data and LR, losses within bf16 noise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    gpu = dict(torch_dtype="bfloat16", loss_impl="auto")
+    run_inprocess(args(data, a, save_steps=2, **gpu))
+    run_inprocess(args(data, b, resume_from_checkpoint=a / "checkpoint-2", **gpu))
+    ra, rb = train_steps(a)[2:], train_steps(b)
+    assert [r["step"] for r in rb] == [3, 4]
+    for x, y in zip(ra, rb):
+        assert (x["lr"], x["num_tokens"]) == (y["lr"], y["num_tokens"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
