@@ -45,7 +45,7 @@ compat-venv:
 		set -e; $(PY) -m venv $(COMPAT_VENV); \
 		$(COMPAT_VENV)/bin/pip install -q torch==$(TORCH_FLOOR) triton==$(TRITON_FLOOR); \
 		$(COMPAT_VENV)/bin/pip install -q '.[dev]' torch==$(TORCH_FLOOR) triton==$(TRITON_FLOOR); \
-		$(COMPAT_VENV)/bin/pip uninstall -q -y longwriter-engine; \
+		$(COMPAT_VENV)/bin/pip uninstall -q -y longwriter-engine; rm -rf build; \
 		rm -f $(COMPAT_VENV)/.deps-*; touch "$(COMPAT_VENV)/.deps-$$h"; fi
 
 test-compat: compat-venv

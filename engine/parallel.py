@@ -50,6 +50,7 @@ def init_distributed(timeout_s: float = 1800.0, trace_dir: str | None = None) ->
         if trace_dir is not None:
             for k, v in flight_recorder_env(trace_dir).items():
                 os.environ.setdefault(k, v)
+            os.makedirs(os.path.dirname(os.environ["TORCH_FR_DUMP_TEMP_FILE"]) or ".", exist_ok=True)
         torch.cuda.set_device(device)
     gloo_multinode_env(os.environ)
     if not dist.is_initialized():
