@@ -4,8 +4,10 @@ allocator default, the flight recorder, throughput per GPU and global, MFU in tw
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import torch.distributed as dist
 from engine.metrics import matmul_params, memory_record, row_counts, step_flops, throughput
 from engine.models import FLAVOURS
 from engine.parallel import cuda_allocator_defaults, flight_recorder_env, gloo_multinode_env, init_distributed
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_ddp_timeout_reaches_the_process_group():
@@ -71,8 +75,10 @@ def test_expandable_segments_on_cuda_by_default():
         "segs = torch.cuda.memory._snapshot()['segments'];"
         "print(os.environ['PYTORCH_CUDA_ALLOC_CONF'], all(s.get('is_expandable') for s in segs))"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if "ALLOC_CONF" not in k}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    env = {k: v for k, v in os.environ.items() if "ALLOC_CONF" not in k and k != "RANK"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.stdout.split() == ["expandable_segments:True", "True"], out.stderr[-2000:]
     rec = memory_record(torch.device("cuda"))
     assert {"max_memory_gb", "max_reserved_gb", "alloc_retries", "ooms"} <= rec.keys()

@@ -344,7 +344,7 @@ def test_profile_steps_write_a_trace_of_those_steps(data, tmp_path):
     an op table; on CUDA also the allocator's memory snapshot."""
     import json
 
-    run_inprocess(args(data, tmp_path, max_steps=4, profile_steps="2,3"))
+    run_inprocess(base_args(data, tmp_path, max_steps=4, profile_steps="2,3"))
     d = tmp_path / "profile" / "steps_2-3"
     trace = json.loads((d / "rank0.trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
