@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,11 +49,14 @@ def init_distributed(timeout_s: float = 1800.0, trace_dir: str | None = None) ->
         if conf is not None:  # the environment is read once, maybe already: apply it to this process too
             torch.cuda.memory._set_allocator_settings(conf)
         if trace_dir is not None:
-            for k, v in flight_recorder_env(trace_dir).items():
-                os.environ.setdefault(k, v)
-            os.makedirs(os.path.dirname(os.environ["TORCH_FR_DUMP_TEMP_FILE"]) or ".", exist_ok=True)
+            fr = flight_recorder_env(trace_dir, os.environ)
+            os.environ.update(fr)
+            if "TORCH_FR_DUMP_TEMP_FILE" in fr:
+                os.makedirs(trace_dir, exist_ok=True)
         torch.cuda.set_device(device)
-    gloo_multinode_env(os.environ)
+    ifname = gloo_multinode_env(os.environ)
+    if ifname and os.environ.get("RANK") == "0":
+        print(f"gloo (CPU collectives across nodes) uses GLOO_SOCKET_IFNAME={ifname}", file=sys.stderr)
     if not dist.is_initialized():
         backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -73,15 +77,18 @@ def cuda_allocator_defaults(env: dict) -> str | None:
     return env["PYTORCH_CUDA_ALLOC_CONF"]
 
 
-def flight_recorder_env(trace_dir: str) -> dict[str, str]:
-    """NCCL flight recorder defaults (as torchtitan sets them): keep the last 2000 collectives per rank and
-    dump them on a timeout to trace_dir/rank_<r>; `python -m torch.distributed.flight_recorder.fr_trace
-    trace_dir -p rank_` then names the rank and collective that hung. A user's own values win."""
-    return {
-        "TORCH_FR_BUFFER_SIZE": "2000",
-        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-        "TORCH_FR_DUMP_TEMP_FILE": os.path.join(trace_dir, "rank_"),
+def flight_recorder_env(trace_dir: str, env: dict) -> dict[str, str]:
+    """NCCL flight recorder defaults (as torchtitan sets them) that `env` does not set yet, under either
+    name (torch 2.11 reads the TORCH_FR_* names and still the older TORCH_NCCL_* ones): keep the last 2000
+    collectives per rank and dump them on a timeout to trace_dir/rank_<r>; `python -m
+    torch.distributed.flight_recorder.fr_trace trace_dir -p rank_` then names the rank and collective
+    that hung."""
+    defaults = {  # name -> (older name, value)
+        "TORCH_FR_BUFFER_SIZE": ("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": (None, "1"),
+        "TORCH_FR_DUMP_TEMP_FILE": ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(trace_dir, "rank_")),
     }
+    return {k: v for k, (old, v) in defaults.items() if k not in env and (old is None or old not in env)}
 
 
 def gloo_multinode_env(env: dict) -> str | None:

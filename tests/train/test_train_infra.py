@@ -60,9 +60,15 @@ def test_cuda_allocator_default_respects_the_user():
         assert cuda_allocator_defaults(env) is None and env == {key: "max_split_size_mb:128"}
 
 
-def test_flight_recorder_env_names_what_torch_reads():
-    env = flight_recorder_env("/runs/x/comm_traces")
-    assert env["TORCH_FR_DUMP_TEMP_FILE"] == "/runs/x/comm_traces/rank_"
+def test_flight_recorder_defaults_leave_the_users_settings():
+    env = flight_recorder_env("/runs/x/comm_traces", {})
+    assert env == {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                   "TORCH_FR_DUMP_TEMP_FILE": "/runs/x/comm_traces/rank_"}  # fmt: skip
+    # set by the user under the older names (or the new ones): not overridden
+    user = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "20000", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/tmp/fr_"}
+    assert flight_recorder_env("/runs/x", user) == {"TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+    assert flight_recorder_env("/runs/x", {"TORCH_NCCL_DUMP_ON_TIMEOUT": "0"}).keys() == {
+        "TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE"}  # fmt: skip
     # the analyser of those dumps ships with torch (both the floor and the current version)
     import torch.distributed.flight_recorder.fr_trace  # noqa: F401
 
