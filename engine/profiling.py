@@ -37,7 +37,7 @@ class StepProfiler:
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             if self.cuda:  # the allocator records from here on (stacks: python frames of each allocation)
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
-            self.prof = profile(activities=acts, record_shapes=True)
+            self.prof = profile(activities=acts, record_shapes=True, acc_events=True)  # one cycle: all of it
             self.prof.__enter__()
         self.range = torch.profiler.record_function(f"step_{step}")
         self.range.__enter__()
