@@ -164,8 +164,8 @@ def profile_step(flavour: str, tokens: int, out: Path) -> dict:
     from benchmarks.train_workload import make_steps, step_stats
     from engine.config import Config
     from engine.metrics import peak_flops, step_flops
-    from engine.parallel import init_distributed, shutdown_distributed
     from engine.objectives import SFTObjective
+    from engine.parallel import init_distributed, shutdown_distributed
     from engine.step import optimizer_step
     from engine.train import build_optimizer_and_schedule, build_sharded_model
 

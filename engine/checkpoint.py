@@ -6,11 +6,14 @@ Layout of output_dir/checkpoint-{step}:
     trainer_state.json          step / epoch / config, for people
 A checkpoint is written into checkpoint-{step}.tmp and renamed by rank 0 after a barrier, so a directory
 named checkpoint-{step} is always complete; a crash mid-save leaves only a .tmp, which is ignored.
+Each rank writes its shards with several threads (DCP's FileSystemWriter thread_count), so a save that has
+to fit in the SIGTERM grace period is not one file stream per rank.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -88,6 +91,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def default_thread_count() -> int:
+    """Writer threads per rank: the CPUs of this rank's share of the node, 1 to 8."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 1) // local_world))
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -96,8 +105,10 @@ def save_checkpoint(
     rank_state: dict,
     info: dict,
     save_total_limit: int | None = None,
+    thread_count: int | None = None,
 ) -> Path:
-    """Collective: every rank calls it. optimizer None = weights only (--save_only_model)."""
+    """Collective: every rank calls it. optimizer None = weights only (--save_only_model, or a SIGTERM
+    save with --save_on_sigterm model). thread_count: writer threads per rank (default_thread_count())."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     rank = _rank()
@@ -110,7 +121,8 @@ def save_checkpoint(
         state = {"model": msd, "optim": osd}
     else:
         state = {"model": get_model_state_dict(model)}
-    dcp.save(state, checkpoint_id=str(tmp))
+    writer = dcp.FileSystemWriter(str(tmp), thread_count=thread_count or default_thread_count())
+    dcp.save(state, storage_writer=writer)
     torch.save(rank_state, tmp / f"rank{rank}.pt")
     if rank == 0:
         info = dict(
@@ -138,29 +150,45 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     only_model: bool = False,
 ) -> dict | None:
-    """Load weights (and, unless only_model, optimizer state); returns this rank's rank_state or None."""
+    """Load weights (and, unless only_model, optimizer state); returns this rank's rank_state or None.
+
+    A weights-only checkpoint (checkpoint_info(path)["has_optimizer"] False) resumes everything but the
+    optimizer: the returned rank_state still continues step, schedule, data and RNG, and the optimizer
+    keeps its fresh (zero-moment) state."""
     path = Path(path)
-    info = json.loads((path / "trainer_state.json").read_text())
-    if only_model or optimizer is None:
+    info = checkpoint_info(path)
+
+    def load_model_only():
         msd = get_model_state_dict(model)
         dcp.load({"model": msd}, checkpoint_id=str(path))
         set_model_state_dict(model, msd)
+
+    if only_model or optimizer is None:
+        load_model_only()
         return None
-    if not info.get("has_optimizer", True):
-        raise ValueError(
-            f"{path} was saved with save_only_model (no optimizer state): use --resume_only_model"
-        )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if info["world_size"] != world:
         raise ValueError(
             f"{path} was written by {info['world_size']} ranks, this run has {world}: exact resume needs the "
             "same world size (RNG and loader state are per rank); use --resume_only_model to load weights"
         )
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if info.get("has_optimizer", True):
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        load_model_only()
     return torch.load(path / f"rank{_rank()}.pt", weights_only=False)
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """trainer_state.json of a checkpoint: step, epoch, reason, config, world_size, has_optimizer."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def directory_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def export_hf(
@@ -176,3 +204,42 @@ def export_hf(
         save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype, state_dict=full)
     del full
     _barrier()
+
+
+def _torchrun_shutdown_timeout_flag() -> bool:
+    """Whether this torch's torchrun has --shutdown-timeout (2.13 has it; 2.11 waits a fixed 30 s)."""
+    import inspect
+
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    return "shutdown_timeout" in inspect.signature(SimpleElasticAgent.__init__).parameters
+
+
+def sigterm_advice(
+    *, seconds: float, nbytes: int, model_bytes: int, choice: str, micro_batch_s: float, name: str
+) -> str:
+    """What a SIGTERM save of `choice` ("full" | "model" | "none") will take, from a measured save of
+    nbytes in `seconds`, and how long the launcher must wait between SIGTERM and SIGKILL for it.
+
+    A SIGTERM is acted on between micro-batches, so the wait is (one micro-batch) + (the save); the save of
+    a choice is estimated at the measured rate: "full" writes fp32 weights + 2 AdamW moments (3 x
+    model_bytes), "model" the weights alone."""
+    rate = nbytes / max(seconds, 1e-9)
+    head = f"{name}: {nbytes / 1e9:.2f} GB in {seconds:.1f} s ({rate / 1e9:.2f} GB/s)"
+    if choice == "none":
+        return f"{head}; --save_on_sigterm none: a SIGTERM exits without saving (resume from the last checkpoint)"
+    est = (3 if choice == "full" else 1) * model_bytes / rate
+    need = math.ceil(1.25 * (est + micro_batch_s) + 5)
+    line = (
+        f"{head}. On SIGTERM (--save_on_sigterm {choice}) the run finishes its micro-batch (~{micro_batch_s:.1f} s) "
+        f"and saves ~{(3 if choice == 'full' else 1) * model_bytes / 1e9:.2f} GB (~{est:.1f} s): the launcher must "
+        f"wait >= {need} s between SIGTERM and SIGKILL"
+    )
+    if _torchrun_shutdown_timeout_flag():
+        line += f" (torchrun --shutdown-timeout {need}, default 30 s"
+    else:
+        line += " (this torch's torchrun waits a fixed 30 s: torch >= 2.13 has --shutdown-timeout"
+    line += f"; SLURM: KillWait >= {need} s, or #SBATCH --signal=TERM@{need + 60} to be warned ahead of the limit)"
+    if need > 30:
+        line += "; with less, choose --save_on_sigterm model or none"
+    return line

@@ -77,7 +77,12 @@ class TrainConfig:
     # long-ce: every target token of a step weighs the same; sequence: every document (THUDM's pack loss);
     # mean: each micro-batch's token mean
     loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "sequence", "mean"))
+    # options of the fused loss (kernels.linear_cross_entropy), in training and evaluation alike (as HF):
+    label_smoothing_factor: float = 0.0  # HF TrainingArguments' name (ms-swift inherits it)
+    z_loss: float = 0.0  # + z_loss * logsumexp(logits)^2 per target token (PaLM's auxiliary loss, 1e-4)
     max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row
+    # seconds a collective may wait before the process group aborts (HF's default; ms-swift's is ~infinite)
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -101,6 +106,9 @@ class CheckpointConfig:
     save_steps: int = 500  # 0 = only at the end (and on SIGTERM)
     save_total_limit: int | None = None  # None (or -1): keep every checkpoint
     save_only_model: bool = False
+    # what a SIGTERM (preemption, torchrun / scheduler shutdown) saves before exiting: "full" (exact resume),
+    # "model" (weights + data/schedule/RNG position, ~1/3 of the bytes: resume restarts AdamW's moments), "none"
+    save_on_sigterm: str = field(default="full", metadata=_choices("full", "model", "none"))
     save_final: bool = True  # output_dir/final: consolidated HF safetensors
     final_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
     resume_from_checkpoint: str | None = None  # a checkpoint dir, or "latest"
@@ -113,6 +121,8 @@ class LogConfig:
     logging_steps: int = 1
     report_to: list[str] = field(default_factory=list)  # "tensorboard"
     progress_bar: bool = True
+    # "A,B" (or "A"): torch.profiler trace + CUDA memory snapshot of optimizer steps A..B into output_dir/profile
+    profile_steps: str | None = None
 
 
 @dataclass
@@ -265,6 +275,22 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     return config_file, out
 
 
+def step_range(text: str | None) -> tuple[int, int] | None:
+    """--profile_steps "A,B" (or "A") -> (A, B), 1-based optimizer steps, inclusive; ValueError if malformed."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        first, last = int(parts[0]), int(parts[-1])
+    except ValueError:
+        first = last = 0
+    if len(parts) > 2 or not 1 <= first <= last:
+        raise ValueError(
+            f"bad value {text!r} for 'profile_steps': expected A,B with 1 <= A <= B (or one step A)"
+        )
+    return first, last
+
+
 def validate(cfg: Config) -> None:
     def need(ok: bool, key: str, msg: str):
         if not ok:
@@ -295,6 +321,9 @@ def validate(cfg: Config) -> None:
     need(t.gradient_checkpointing_every >= 1, "gradient_checkpointing_every", "must be >= 1")
     need(t.neftune_noise_alpha >= 0, "neftune_noise_alpha", "must be >= 0")
     need(t.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+    need(0 <= t.label_smoothing_factor < 1, "label_smoothing_factor", "must be in [0, 1)")
+    need(t.z_loss >= 0, "z_loss", "must be >= 0")
+    need(t.ddp_timeout > 0, "ddp_timeout", "must be > 0 (seconds)")
     need(c.save_steps >= 0, "save_steps", "must be >= 0")
     need(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit", "must be >= 1")
     need(
@@ -304,6 +333,7 @@ def validate(cfg: Config) -> None:
     )
     need(lg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(lg.logging_steps >= 1, "logging_steps", "must be >= 1")
+    step_range(lg.profile_steps)
     for r in lg.report_to:
         need(r in ("tensorboard", "none"), "report_to", f"unknown backend {r!r} (tensorboard | none)")
     need(bool(d.dataset), "dataset", "at least one dataset is required")
@@ -313,6 +343,8 @@ def validate(cfg: Config) -> None:
             need(getattr(r, key) == default, key, "is a DPO flag: set --rlhf_type dpo (or drop it)")
     else:
         need(t.loss_name == "long-ce", "loss_name", "is the SFT loss; DPO's loss is --loss_type")
+        for key in ("label_smoothing_factor", "z_loss"):  # they would change DPO's log-probs, not its loss
+            need(getattr(t, key) == 0, key, "is an SFT loss option; DPO's smoothing is --label_smoothing")
         need(r.beta > 0, "beta", "must be > 0")
         need(0.0 <= r.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         need(

@@ -32,11 +32,49 @@ def matmul_params(args) -> int:
     return n if args.tie_embeddings else n - args.vocab_size * args.hidden_size
 
 
-def step_flops(args, num_tokens: int, sum_sq_doc_len: int) -> float:
-    """Model FLOPs of forward + backward (no recompute): 6 N per token plus causal attention, which costs
-    6 * L^2 * d_q per layer for a document of length L (QK^T and PV, half the matrix, x3 for backward)."""
+def step_flops(args, num_tokens: int, sum_sq_doc_len: int, *, attention: str = "causal") -> float:
+    """Model FLOPs of forward + backward (no recompute): 6 N per token plus attention over documents of
+    length L (QK^T and PV, 4 L^2 d_q per layer forward, x3 with backward):
+      attention="causal": half the L x L matrix, 6 L^2 d_q per layer: what causal kernels compute;
+      attention="full":   the whole matrix, 12 L^2 d_q per layer: the convention torchtitan and MPT
+                          publish (they pass the row length as L and count no causal or document saving).
+    """
     d_q = args.num_heads * args.head_dim
-    return 6.0 * matmul_params(args) * num_tokens + 6.0 * args.num_layers * d_q * sum_sq_doc_len
+    per_layer = {"causal": 6.0, "full": 12.0}[attention]
+    return 6.0 * matmul_params(args) * num_tokens + per_layer * args.num_layers * d_q * sum_sq_doc_len
+
+
+def row_counts(micro_batches: list[dict]) -> list[float]:
+    """[tokens, sum of T^2] over the rows (B x T, padding included) of the micro-batches that hold a
+    document: what the full-attention convention counts (all-filler micro-batches are left out)."""
+    tokens = sq = 0
+    for mb in micro_batches:
+        if mb["doc_lengths"]:
+            B, T = mb["input_ids"].shape
+            tokens, sq = tokens + B * T, sq + B * T * T
+    return [float(tokens), float(sq)]
+
+
+def throughput(
+    args, res: dict, rows: list[float], seconds: float, world_size: int, peak: float | None
+) -> dict:
+    """The speed of one optimizer step in two conventions, so figures compare with what others publish.
+
+    tokens_per_s_global counts the real tokens of all ranks, tokens_per_s_per_gpu divides by the world
+    size (torchtitan's "tps" is per GPU). MFU (peak: dense bf16 per GPU; absent on CPU):
+      mfu_causal     real tokens, causal attention within each document: the model FLOPs the GPUs did;
+      mfu_full_attn  every row one sequence of its padded length T with full T x T attention (rows =
+                     row_counts()): the torchtitan / MPT convention, higher than mfu_causal for the same run.
+    """
+    out = {
+        "tokens_per_s_global": res["tokens"] / seconds,
+        "tokens_per_s_per_gpu": res["tokens"] / seconds / world_size,
+    }
+    if peak:
+        budget = seconds * peak * world_size
+        out["mfu_causal"] = step_flops(args, res["tokens"], res["sum_sq"]) / budget
+        out["mfu_full_attn"] = step_flops(args, rows[0], rows[1], attention="full") / budget
+    return out
 
 
 def peak_bf16(device_name: str) -> float | None:
@@ -56,6 +94,19 @@ def max_memory_gb(device: torch.device) -> float:
     # CPU: peak resident set of this process (ru_maxrss is KiB on Linux, bytes on macOS)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024**3 if sys.platform == "darwin" else 1024**2)
+
+
+def memory_record(device: torch.device) -> dict:
+    """Peak allocated memory (GiB; on CPU the peak RSS) and, on CUDA, what the caching allocator holds:
+    peak reserved (GiB) and how often an allocation had to free cached blocks and retry (each retry is a
+    synchronising cudaFree; rising counts mean fragmentation: expandable_segments, a smaller micro-batch)."""
+    out = {"max_memory_gb": round(max_memory_gb(device), 3)}
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        out["max_reserved_gb"] = round(stats.get("reserved_bytes.all.peak", 0) / 1024**3, 3)
+        out["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+        out["ooms"] = int(stats.get("num_ooms", 0))
+    return out
 
 
 def _step_of(line: str, default: int) -> float:
@@ -120,8 +171,9 @@ class MetricsLogger:
         if self.bar is not None and "loss" in record:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                tok_s_gpu=f"{record['tokens_per_s_per_gpu']:.0f}",
+            )  # fmt: skip
 
     def write(self, msg: str) -> None:
         if not self.enabled:

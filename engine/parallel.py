@@ -10,8 +10,10 @@ Required order (as torchtitan's parallelize.py):
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
+import sys
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,24 +33,106 @@ class DistInfo:
     device: torch.device
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0, trace_dir: str | None = None) -> DistInfo:
     """Join the torchrun job (RANK/WORLD_SIZE/MASTER_* in the environment) or make a 1-process group.
 
-    NCCL for CUDA tensors plus gloo for CPU ones (DCP and the loader exchange small CPU objects); gloo only on
-    CPU. A 1-process group keeps one code path: FSDP2 on a 1-device mesh, DTensors everywhere.
+    NCCL for CUDA tensors plus gloo for CPU ones (DCP, the loader and the SIGTERM flag exchange small CPU
+    objects); gloo only on CPU. A 1-process group keeps one code path: FSDP2 on a 1-device mesh, DTensors
+    everywhere. timeout_s (--ddp_timeout): how long a collective may wait before the group aborts (and,
+    on CUDA, the flight recorder dumps the last collectives of every rank into trace_dir).
     """
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
+        conf = cuda_allocator_defaults(os.environ)
+        if conf is not None:  # the environment is read once, maybe already: apply it to this process too
+            torch.cuda.memory._set_allocator_settings(conf)
+        if trace_dir is not None:
+            fr = flight_recorder_env(trace_dir, os.environ)
+            os.environ.update(fr)
+            if "TORCH_FR_DUMP_TEMP_FILE" in fr:
+                os.makedirs(trace_dir, exist_ok=True)
         torch.cuda.set_device(device)
+    ifname = gloo_multinode_env(os.environ)
+    if ifname and os.environ.get("RANK") == "0":
+        print(f"gloo (CPU collectives across nodes) uses GLOO_SOCKET_IFNAME={ifname}", file=sys.stderr)
     if not dist.is_initialized():
         backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            dist.init_process_group(backend, device_id=device if cuda else None, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cuda_allocator_defaults(env: dict) -> str | None:
+    """expandable_segments:True unless the user configured the allocator (PYTORCH_CUDA_ALLOC_CONF, or
+    PYTORCH_ALLOC_CONF of newer torch): packed micro-batches change shape every step, and fixed-size
+    segments then fragment until an allocation retries or fails. Returns what it set (None: left alone)."""
+    if env.get("PYTORCH_CUDA_ALLOC_CONF") or env.get("PYTORCH_ALLOC_CONF"):
+        return None
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env["PYTORCH_CUDA_ALLOC_CONF"]
+
+
+def flight_recorder_env(trace_dir: str, env: dict) -> dict[str, str]:
+    """NCCL flight recorder defaults (as torchtitan sets them) that `env` does not set yet, under either
+    name (torch 2.11 reads the TORCH_FR_* names and still the older TORCH_NCCL_* ones): keep the last 2000
+    collectives per rank and dump them on a timeout to trace_dir/rank_<r>; `python -m
+    torch.distributed.flight_recorder.fr_trace trace_dir -p rank_` then names the rank and collective
+    that hung."""
+    defaults = {  # name -> (older name, value)
+        "TORCH_FR_BUFFER_SIZE": ("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": (None, "1"),
+        "TORCH_FR_DUMP_TEMP_FILE": ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(trace_dir, "rank_")),
+    }
+    return {k: v for k, (old, v) in defaults.items() if k not in env and (old is None or old not in env)}
+
+
+def gloo_multinode_env(env: dict) -> str | None:
+    """On several nodes, point gloo (the CPU half of the group) at the interface that reaches MASTER_ADDR.
+
+    gloo binds the address its hostname resolves to, which on many hosts is 127.0.1.1, and then every
+    CPU collective across nodes hangs until the timeout; NCCL picks its interface itself. An explicit
+    GLOO_SOCKET_IFNAME wins, then a plain NCCL_SOCKET_IFNAME list, then the route to MASTER_ADDR.
+    Returns the interface it set (None: one node, or left alone)."""
+    world, local = int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+    if world <= local or env.get("GLOO_SOCKET_IFNAME"):
+        return None
+    nccl = env.get("NCCL_SOCKET_IFNAME", "")
+    if nccl and not nccl.startswith(("^", "=")):  # "^docker,lo" excludes and "=eth0" is exact-match syntax
+        ifname = nccl
+    else:
+        ifname = interface_to(env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if ifname:
+        env["GLOO_SOCKET_IFNAME"] = ifname
+    return ifname
+
+
+def interface_to(host: str, port: int) -> str | None:
+    """Name of the local network interface the kernel routes `host` through (None when unknown)."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))  # UDP connect: picks the route, sends nothing
+            ip = s.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    req = struct.pack("256s", name.encode()[:15])
+                    addr = fcntl.ioctl(s.fileno(), 0x8915, req)[20:24]  # SIOCGIFADDR
+                except OSError:
+                    continue  # no IPv4 address on this interface
+            if socket.inet_ntoa(addr) == ip:
+                return name
+    except OSError:
+        return None
+    return None
 
 
 def shutdown_distributed() -> None:

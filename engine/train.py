@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint import (
+    checkpoint_info,
+    directory_bytes,
     export_hf,
     list_checkpoints,
     load_checkpoint,
@@ -40,10 +42,12 @@ from engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sigterm_advice,
 )
-from engine.config import Config, parse_config, usage
+from engine.config import Config, parse_config, step_range, usage
 from engine.memory import plan_memory
-from engine.metrics import MetricsLogger, max_memory_gb, peak_flops, step_flops
+from engine.metrics import MetricsLogger, memory_record, peak_flops, row_counts, throughput
+from engine.models.attn_backends import select_attn_impl
 from engine.objectives import DPOObjective, SFTObjective
 from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
@@ -57,6 +61,7 @@ from engine.parallel import (
     reshard,
     shutdown_distributed,
 )
+from engine.profiling import StepProfiler
 from engine.step import all_reduce_floats, evaluate, optimizer_step
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,17 +82,20 @@ def build_sharded_model(cfg: Config, info: DistInfo, *, source: str | None = Non
     src, t = source or cfg.model.model, cfg.train
     dtype = DTYPES[cfg.model.torch_dtype] if frozen else torch.float32
     pretrained = Path(src).is_dir()
+    # the kernel train() probed at start-up (cached): the model holds a concrete impl, never "auto"
+    attn = select_attn_impl(cfg.model.attn_impl, info.device, DTYPES[cfg.model.torch_dtype]).name
     if pretrained:
-        model = load_pretrained(src, dtype=dtype, device="meta", attn_impl=cfg.model.attn_impl)
+        model = load_pretrained(src, dtype=dtype, device="meta", attn_impl=attn)
     else:
-        model = build_model(src, dtype=dtype, device="meta", attn_impl=cfg.model.attn_impl)
+        model = build_model(src, dtype=dtype, device="meta", attn_impl=attn)
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
     # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped. DPO and the "sequence"
     # loss need per-token losses (summed per response / per document by engine.objectives).
     reduction = "none" if cfg.rlhf.rlhf_type or t.loss_name == "sequence" else "sum"
     model.loss_fn = functools.partial(
-        kernels.linear_cross_entropy, reduction=reduction, impl=cfg.model.loss_impl, check_labels=False
-    )
+        kernels.linear_cross_entropy, reduction=reduction, impl=cfg.model.loss_impl, check_labels=False,
+        label_smoothing=t.label_smoothing_factor, z_loss=t.z_loss,
+    )  # fmt: skip
     if frozen:
         model.requires_grad_(False)
     else:
@@ -220,14 +228,16 @@ class _Stop:
 
 def train(cfg: Config, *, on_step=None) -> dict:
     """Run one training job; returns a summary. on_step(step, record) is called on every rank (tests)."""
-    info = init_distributed()
+    out = Path(cfg.checkpoint.output_dir)
+    info = init_distributed(timeout_s=cfg.train.ddp_timeout, trace_dir=str(out / "comm_traces"))
     rank, device, t, c = info.rank, info.device, cfg.train, cfg.checkpoint
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)  # per-rank stream (NEFTune noise); model init has its own generators
-    out = Path(c.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    # an explicit --attn_impl that cannot run here fails now, before any data or weights are loaded
+    attn = select_attn_impl(cfg.model.attn_impl, device, DTYPES[cfg.model.torch_dtype])
     resume = resolve_resume(out, c.resume_from_checkpoint)
     if (resume is None or c.resume_only_model) and list_checkpoints(out):
         raise ValueError(
@@ -257,9 +267,14 @@ def train(cfg: Config, *, on_step=None) -> dict:
     objective, objective_notes = build_objective(cfg, info, model, [train_loader, val_loader])
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, total)
 
-    step = 0
+    step, resumed_note = 0, None
     if resume is not None:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, only_model=c.resume_only_model)
+        if state is not None and not checkpoint_info(resume).get("has_optimizer", True):
+            resumed_note = (
+                f"{resume.name} holds no optimizer state (--save_on_sigterm model / --save_only_model): weights, "
+                "step, LR schedule, data position and RNG continue; AdamW's moments restart from zero"
+            )
         if state is not None:  # exact resume: schedule, data position, RNG
             step = state["step"]
             scheduler.load_state_dict(state["scheduler"])
@@ -286,6 +301,10 @@ def train(cfg: Config, *, on_step=None) -> dict:
     log.write(f"chat template: {tokenizer.chat_template.origin}")
     for note in objective_notes:
         log.write(note)
+    if resumed_note:
+        log.write(resumed_note)
+    for line in [attn.describe(), *attn.warnings()]:
+        log.write(line)
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )
@@ -298,13 +317,25 @@ def train(cfg: Config, *, on_step=None) -> dict:
             "loader": train_loader.state_dict(), "rng": rng_state(device),
         }  # fmt: skip
 
-    def save(reason: str) -> Path:
+    saves = []  # seconds of each save, for the SIGTERM advice after the first
+
+    def save(reason: str, *, with_optimizer: bool = not c.save_only_model) -> Path:
+        t_save = time.perf_counter()
         path = save_checkpoint(
-            out / f"checkpoint-{step}", model=model, optimizer=None if c.save_only_model else optimizer,
+            out / f"checkpoint-{step}", model=model, optimizer=optimizer if with_optimizer else None,
             rank_state=boundary, info={"step": step, "epoch": step / steps_per_epoch, "reason": reason, "config": cfg.to_dict()},
             save_total_limit=c.save_total_limit,
         )  # fmt: skip
-        log.write(f"saved {path} ({reason})")
+        saves.append(time.perf_counter() - t_save)
+        log.write(f"saved {path} ({reason}, {saves[-1]:.1f} s)")
+        if len(saves) == 1 and rank == 0:  # how long a SIGTERM save takes, and what the launcher must allow
+            log.write(
+                sigterm_advice(
+                    seconds=saves[0], nbytes=directory_bytes(path), name=path.name, choice=c.save_on_sigterm,
+                    model_bytes=4 * sum(p.numel() for p in model.parameters()),  # fp32 master weights
+                    micro_batch_s=last_step_s / t.gradient_accumulation_steps,
+                )
+            )  # fmt: skip
         return path
 
     def log_eval() -> None:
@@ -313,8 +344,9 @@ def train(cfg: Config, *, on_step=None) -> dict:
         log.log({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
 
     stop = _Stop()
+    prof = StepProfiler(step_range(cfg.log.profile_steps), out, rank, device)
     peak = peak_flops(device)
-    bad_in_row, skipped, losses, last_saved, stopped = 0, 0, [], None, False
+    bad_in_row, skipped, losses, last_saved, stopped, last_step_s = 0, 0, [], None, False, 0.0
     boundary = snapshot()
     t_start = time.perf_counter()
     try:
@@ -325,6 +357,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
             t0 = time.perf_counter()
             for micro_batches in train_loader:
                 lr = scheduler.get_last_lr()[0]
+                prof.begin(step + 1)
                 res = optimizer_step(
                     model, optimizer, scheduler, micro_batches, objective,
                     max_grad_norm=cfg.optim.max_grad_norm, device=device, stop=stop,
@@ -333,19 +366,19 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     stopped = True
                     break
                 step += 1
-                dt = time.perf_counter() - t0
+                dt = last_step_s = time.perf_counter() - t0
+                if prof.end(step) is not None:  # after dt: writing the trace is not the step's time
+                    log.write(f"profile of steps {cfg.log.profile_steps} written to {prof.dir}")
                 finite, grad_norm = res["finite"], res["grad_norm"]
                 bad_in_row = 0 if finite else bad_in_row + 1
                 skipped += not finite
+                rows = all_reduce_floats(row_counts(micro_batches), torch.device("cpu"))  # gloo: no GPU sync
                 record = {
                     "step": step, "epoch": round(step / steps_per_epoch, 4), **res["metrics"], "lr": lr,
                     "grad_norm": grad_norm, "tokens": res["tokens"],
-                    "tokens_per_s": res["tokens"] / dt, "step_time_s": dt,
-                    "max_memory_gb": round(max_memory_gb(device), 3),
+                    **throughput(model.args, res, rows, dt, info.world_size, peak), "step_time_s": dt,
+                    **memory_record(device),
                 }  # fmt: skip
-                if peak:
-                    flops = step_flops(model.args, res["tokens"], res["sum_sq"])
-                    record["mfu"] = flops / dt / (peak * info.world_size)
                 if not finite:
                     record["skipped"] = True
                 losses.append(res["loss"])
@@ -359,7 +392,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 if not cfg.log.progress_bar and step % cfg.log.logging_steps == 0:
                     log.write(
                         f"step {step}/{total} loss {res['loss']:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-                        f"tokens/s {record['tokens_per_s']:.0f}"
+                        f"tokens/s/GPU {record['tokens_per_s_per_gpu']:.0f}"
                     )
                 if on_step is not None:
                     on_step(step, record)
@@ -371,8 +404,14 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 if step >= total:
                     break
                 t0 = time.perf_counter()  # a step's time includes loading its batch, not evals or saves
-        if stopped:
-            save("SIGTERM")
+        if stopped and c.save_on_sigterm == "none":
+            log.write(f"stopped by SIGTERM after step {step}; not saved (--save_on_sigterm none)")
+        elif stopped and last_saved is not None and last_saved.name == f"checkpoint-{step}":
+            log.write(
+                f"stopped by SIGTERM after step {step}, saved just before; resume with --resume_from_checkpoint latest"
+            )
+        elif stopped:
+            save("SIGTERM", with_optimizer=c.save_on_sigterm == "full" and not c.save_only_model)
             log.write(f"stopped by SIGTERM after step {step}; resume with --resume_from_checkpoint latest")
         else:
             if last_saved is None or last_saved.name != f"checkpoint-{step}":
@@ -383,6 +422,8 @@ def train(cfg: Config, *, on_step=None) -> dict:
                 export_hf(model, out / "final", tokenizer=tokenizer, dtype=DTYPES[c.final_dtype])
                 log.write(f"exported {out / 'final'}")
     finally:
+        if prof.close() is not None:
+            log.write(f"profile of steps {cfg.log.profile_steps} (stopped inside) in {prof.dir}")
         stop.restore()
         log.close()
     return {

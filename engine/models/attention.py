@@ -1,17 +1,15 @@
 """Causal attention over packed documents behind one interface.
 
-Three implementations, chosen by an explicit attn_impl argument:
-  "flash"  flash_attn.flash_attn_varlen_func (CUDA, fp16/bf16; imported lazily)
-  "varlen" torch.nn.attention.varlen.varlen_attn (CUDA, fp16/bf16; torch >= 2.10)
+Implementations, chosen by an explicit attn_impl argument:
+  "flash3" flash-attn 3 (Hopper), "flash" flash-attn 2, "varlen" torch's varlen_attn: CUDA kernels for
+           fp16/bf16, imported and test-run once by engine.models.attn_backends
   "sdpa"   F.scaled_dot_product_attention per document: the plain twin, runs anywhere
-  "auto"   flash if installed, else varlen, on CUDA with a half dtype; sdpa otherwise.
+  "auto"   the first kernel that passes its probe, on CUDA with a half dtype; sdpa otherwise.
 Documents are given by cu_seqlens over the flattened B*T tokens; a document never attends to another.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -19,30 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.args import ModelArgs
+from engine.models.attn_backends import ATTN_IMPLS, kernel, resolve_auto
 from engine.models.layers import apply_rotary
-
-ATTN_IMPLS = ("auto", "flash", "varlen", "sdpa")
-
-
-@functools.cache
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete impl for q on (device, dtype): "auto" probed once (engine.models.attn_backends)."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    half = dtype in (torch.float16, torch.bfloat16)
-    if impl == "auto":
-        if device.type == "cuda" and half:
-            return "flash" if _has_flash_attn() else "varlen"
-        return "sdpa"
-    if impl in ("flash", "varlen"):
-        if device.type != "cuda" or not half:
-            raise ValueError(f"attn_impl={impl!r} needs a CUDA device and fp16/bf16, got {device} {dtype}")
-        if impl == "flash" and not _has_flash_attn():
-            raise ValueError("attn_impl='flash' but flash_attn is not installed")
-    return impl
+    return resolve_auto(device, dtype) if impl == "auto" else impl
 
 
 @dataclass
@@ -132,15 +115,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*T, nh|nkv, hd)
     if impl == "sdpa":
         return sdpa_varlen(qf, kf, vf, meta.cu_seqlens).view(B, T, nh, hd)
-    cu, m = meta.cu_seqlens_on(q.device), meta.max_seqlen
-    if impl == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        o = flash_attn_varlen_func(qf, kf, vf, cu, cu, m, m, causal=True)
-    else:
-        from torch.nn.attention.varlen import varlen_attn
-
-        o = varlen_attn(qf, kf, vf, cu, cu, m, m, window_size=(-1, 0), enable_gqa=True)
+    fn = kernel(impl, q.device, q.dtype)  # loaded and checked once; ValueError naming why it cannot run
+    o = fn(qf, kf, vf, meta.cu_seqlens_on(q.device), meta.max_seqlen)
     return o.view(B, T, nh, hd)
 
 

@@ -30,24 +30,39 @@ def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """4 steps of 2 ranks x 2 micro-batches on 15 samples, its final checkpoint-4 and fp32 HF export."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    data = make_dataset(root / "train15.jsonl", n=15)
+    run_torchrun(
+        2,
+        base_args(data, root / "two", gradient_accumulation_steps=2, save_final=True, final_dtype="float32"),
+    )
+    return data, root / "two"
+
+
 @pytest.mark.parametrize("loss_name", ["long-ce", pytest.param("sequence", marks=pytest.mark.slow)])
-def test_world_size_invariance(tmp_path, loss_name):
+def test_world_size_invariance(two_ranks, tmp_path, loss_name):
     """1 rank x 4 micro-batches == 2 ranks x 2 micro-batches: losses, clipped global grad norms, weights
     (long-ce: every target token weighs the same; sequence: every document, counted over both ranks).
     max_grad_norm 0.5 makes every step clip, so the DTensor-sharded norm is checked against one process.
     15 samples pack into 13 rows: step 4 holds 1 row and 3 filler rows, so in the 2-rank run rank 1 runs
     two all-filler micro-batches (no target) and must still join every collective."""
-    data = make_dataset(tmp_path / "train15.jsonl", n=15)
-    one, two = tmp_path / "one", tmp_path / "two"
+    data, two = two_ranks
+    one = tmp_path / "one"
     kw = dict(save_final=True, final_dtype="float32", loss_name=loss_name)
+    if loss_name != "long-ce":  # the fixture's run is long-ce
+        two = tmp_path / "two"
+        run_torchrun(2, base_args(data, two, gradient_accumulation_steps=2, **kw))
     run_inprocess(base_args(data, one, gradient_accumulation_steps=4, **kw))
-    run_torchrun(2, base_args(data, two, gradient_accumulation_steps=2, **kw))
     s1, s2 = train_steps(one), train_steps(two)
     assert len(s1) == len(s2) == 4
     for a, b in zip(s1, s2):
         assert a["num_tokens"] == b["num_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["tokens_per_s_per_gpu"] == pytest.approx(b["tokens_per_s_global"] / 2)  # 2 ranks
     assert all(r["grad_norm"] > 0.5 for r in s1)  # clipping was exercised
     assert s1[3]["num_tokens"] < min(r["num_tokens"] for r in s1[:3]) / 2  # the partial step with fillers
     w1, w2 = load_final(one), load_final(two)
@@ -77,6 +92,34 @@ def test_dpo_world_size_invariance(tmp_path):
     w1, w2 = load_final(one), load_final(two)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5)
+
+
+def test_export_a_two_rank_checkpoint_in_one_process(two_ranks, tmp_path):
+    """python -m engine.export on the 2-rank DCP checkpoint, in one process: the same tensors as the run's
+    own fp32 final/ export, a directory transformers loads, and its logits equal the engine's."""
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from engine.models import load_pretrained
+
+    _, two = two_ranks
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "engine.export", str(two / "checkpoint-4"), str(out), "--dtype", "float32"]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got, want = load_file(str(out / "model.safetensors")), load_final(two)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    ids = torch.tensor([[257, 72, 101, 108, 108, 111, 258, 10, 257, 33]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    ours = load_pretrained(out, dtype=torch.float32, attn_impl="sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "engine.export", str(two), str(tmp_path / "x")], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "not a complete training checkpoint" in bad.stderr
 
 
 def test_two_node_launch_trains_a_step(data, tmp_path):
@@ -111,19 +154,11 @@ def test_two_node_launch_trains_a_step(data, tmp_path):
     assert len(list((tmp_path / "cache").glob("lengths-*.npz"))) == 1
 
 
-@pytest.mark.slow
-def test_sigterm_under_torchrun_then_resume(data, tmp_path):
-    """SIGTERM to the torchrun agent mid-run: it forwards the signal, the ranks agree to stop, save a
-    checkpoint and exit; `--resume_from_checkpoint latest` then completes the same trajectory as a 1-rank
-    uninterrupted run (world-size invariance makes that the reference)."""
+def sigterm_torchrun(argv: list[str], out) -> tuple[int, str]:
+    """Launch 2 ranks under torchrun, SIGTERM the agent once step 1 is logged; (exit code, output)."""
     import signal
     import time
 
-    from engine.checkpoint import list_checkpoints
-
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    run_inprocess(base_args(data, ref, max_steps=12, gradient_accumulation_steps=4))
-    argv = base_args(data, out, max_steps=12, gradient_accumulation_steps=2)
     p = subprocess.Popen(torchrun_cmd(2, argv), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.time() + 180
@@ -133,6 +168,20 @@ def test_sigterm_under_torchrun_then_resume(data, tmp_path):
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     log = p.communicate(timeout=120)[0]
+    return p.returncode, log
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_then_resume(data, tmp_path):
+    """SIGTERM to the torchrun agent mid-run: it forwards the signal, the ranks agree to stop, save a
+    checkpoint and exit; `--resume_from_checkpoint latest` then completes the same trajectory as a 1-rank
+    uninterrupted run (world-size invariance makes that the reference)."""
+    from engine.checkpoint import list_checkpoints
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_inprocess(base_args(data, ref, max_steps=12, gradient_accumulation_steps=4))
+    argv = base_args(data, out, max_steps=12, gradient_accumulation_steps=2)
+    _, log = sigterm_torchrun(argv, out)
     saved = [s for s, _ in list_checkpoints(out)]
     assert saved and saved[-1] < 12 and not (out / "final").exists(), log[-3000:]
     assert "stopped by SIGTERM" in log
@@ -141,6 +190,29 @@ def test_sigterm_under_torchrun_then_resume(data, tmp_path):
     assert [r["step"] for r in s_run] == list(range(1, 13))
     for a, b in zip(s_ref, s_run):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("choice", ["full", "model", "none"])
+def test_sigterm_under_torchrun_saves_what_save_on_sigterm_says(data, tmp_path, choice):
+    """Each --save_on_sigterm choice under the real launcher: the ranks stop together between micro-batches
+    and write a full checkpoint, a weights-only one, or none; the first save prints its time and the
+    launcher timeout it needs."""
+    from engine.checkpoint import checkpoint_info, list_checkpoints
+
+    argv = base_args(data, tmp_path, max_steps=40, gradient_accumulation_steps=2, save_on_sigterm=choice)
+    _, log = sigterm_torchrun(argv, tmp_path)
+    assert "stopped by SIGTERM" in log, log[-3000:]
+    saved = list_checkpoints(tmp_path)
+    if choice == "none":
+        assert saved == [] and "not saved (--save_on_sigterm none)" in log
+        return
+    ((step, path),) = saved
+    assert 1 <= step < 40 and checkpoint_info(path)["has_optimizer"] is (choice == "full")
+    assert checkpoint_info(path)["world_size"] == 2 and len(list(path.glob("rank*.pt"))) == 2
+    assert (
+        f"--save_on_sigterm {choice}) the run finishes its micro-batch" in log
+        and "between SIGTERM and SIGKILL" in log
+    )
 
 
 def test_make_demo(tmp_path):

@@ -56,7 +56,7 @@ def test_first_step_is_ln2_and_trl_metrics(resident):
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0 and first["pairs"] >= 4
     for r in steps:
         assert set(TRL_NAMES) <= set(r) and "nll_loss" not in r
-        assert {"lr", "grad_norm", "tokens_per_s", "max_memory_gb"} <= set(r)
+        assert {"lr", "grad_norm", "tokens_per_s_per_gpu", "max_memory_gb"} <= set(r)
     assert steps[1]["lr"] == 0.0 or steps[2]["rewards/margins"] != 0.0  # the policy moved off the reference
     assert steps[3]["loss"] != pytest.approx(math.log(2), abs=1e-6)
     evals = [r for r in read_metrics(resident) if "eval_loss" in r]

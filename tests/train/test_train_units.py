@@ -80,6 +80,9 @@ def test_every_flag_of_the_issues_exists():
         ("dataset: a\n", ["--gradient_checkpointing", "maybe"], "'gradient_checkpointing'"),
         ("learning_rate: 1e-5\n", [], "'dataset'"),
         ("dataset: a\nval_dataset: b\n", ["--split_dataset_ratio", "0.1"], "'split_dataset_ratio'.*not both"),
+        ("dataset: a\n", ["--profile_steps", "3,2"], "'profile_steps'.*1 <= A <= B"),
+        ("dataset: a\n", ["--profile_steps", "x"], "'profile_steps'"),
+        ("dataset: a\n", ["--save_on_sigterm", "half"], "'save_on_sigterm'.*full, model, none"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, text, argv, match):
@@ -357,7 +360,13 @@ def test_memory_plan_llama3_1_8b_on_8_gpus():
 
 # ------------------------------------------------------------------ checkpoints on disk
 def test_checkpoints_atomic_rotated_and_latest(pg, tmp_path):
-    from engine.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+    from engine.checkpoint import (
+        checkpoint_info,
+        list_checkpoints,
+        load_checkpoint,
+        resolve_resume,
+        save_checkpoint,
+    )
 
     torch.manual_seed(0)
     model = build_model("debug-qwen2")
@@ -384,13 +393,40 @@ def test_checkpoints_atomic_rotated_and_latest(pg, tmp_path):
     for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), n
         assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
-    # weights-only checkpoints refuse an exact resume, with the flag to use instead
-    save_checkpoint(tmp_path / "checkpoint-4", model=model, optimizer=None, rank_state={}, info={"step": 4})
-    with pytest.raises(ValueError, match="resume_only_model"):
-        load_checkpoint(tmp_path / "checkpoint-4", model=fresh, optimizer=fresh_opt)
+    # a weights-only checkpoint resumes the weights and this rank's state; the optimizer stays fresh
+    save_checkpoint(tmp_path / "checkpoint-4", model=model, optimizer=None, rank_state={"step": 4},
+                    info={"step": 4}, thread_count=3)  # fmt: skip
+    assert checkpoint_info(tmp_path / "checkpoint-4")["has_optimizer"] is False
+    assert len(list((tmp_path / "checkpoint-4").glob("*.distcp"))) == 3  # one file per writer thread
+    fresh2 = build_model("debug-qwen2")
+    fresh2_opt = torch.optim.AdamW(fresh2.parameters(), lr=1e-3)
+    assert load_checkpoint(tmp_path / "checkpoint-4", model=fresh2, optimizer=fresh2_opt) == {"step": 4}
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh2.parameters()))
+    assert not fresh2_opt.state
     assert (
         load_checkpoint(tmp_path / "checkpoint-4", model=fresh, optimizer=fresh_opt, only_model=True) is None
     )
+
+
+def test_sigterm_advice_names_the_launcher_timeout(monkeypatch):
+    import engine.checkpoint as ck
+
+    # 12 GB in 10 s (1.2 GB/s) measured; model 4 GB: a full save writes 12 GB (~10 s), weights 4 GB (~3.3 s)
+    kw = dict(
+        seconds=10.0, nbytes=12_000_000_000, model_bytes=4_000_000_000, micro_batch_s=2.0, name="checkpoint-5"
+    )
+    full = ck.sigterm_advice(choice="full", **kw)
+    assert full.startswith("checkpoint-5: 12.00 GB in 10.0 s (1.20 GB/s)")
+    assert "saves ~12.00 GB (~10.0 s)" in full and "wait >= 20 s" in full  # ceil(1.25 * (10 + 2) + 5)
+    model = ck.sigterm_advice(choice="model", **kw)
+    assert "saves ~4.00 GB (~3.3 s)" in model and "wait >= 12 s" in model
+    assert "without saving" in ck.sigterm_advice(choice="none", **kw)
+    slow = ck.sigterm_advice(choice="full", **dict(kw, seconds=60.0))  # 0.2 GB/s: a 60 s save
+    assert "wait >= 83 s" in slow and "choose --save_on_sigterm model or none" in slow
+    monkeypatch.setattr(ck, "_torchrun_shutdown_timeout_flag", lambda: True)
+    assert "torchrun --shutdown-timeout 83" in ck.sigterm_advice(choice="full", **dict(kw, seconds=60.0))
+    monkeypatch.setattr(ck, "_torchrun_shutdown_timeout_flag", lambda: False)
+    assert "fixed 30 s" in ck.sigterm_advice(choice="full", **kw)
 
 
 # ------------------------------------------------------------------ data wiring of the trainer
