@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from .long_ce_chunked import TORCH_STEPS, LinearCrossEntropyFunction
+from .long_ce_recompute_chunked import default_chunk_bytes as recompute_chunk_bytes
+from .long_ce_recompute_chunked import recompute_linear_cross_entropy
 from .long_ce_ref import LongCEOptions, naive_linear_cross_entropy
 
 __all__ = ["LinearCrossEntropy", "LongCEOptions", "linear_cross_entropy", "naive_linear_cross_entropy"]
@@ -71,6 +73,7 @@ def linear_cross_entropy(
     impl: str = "auto",
     check_labels: bool = True,
     chunk_bytes: int | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` without materialising the [N, V] logits.
 
@@ -95,6 +98,12 @@ def linear_cross_entropy(
     check_labels: raise ValueError for labels outside [0, V) other than ignore_index (one host sync on
     CUDA); with False nothing syncs and such rows give a NaN loss.
     chunk_bytes: size of the one [C, V] chunk buffer (default 256 MiB on CUDA, 64 MiB on CPU).
+    recompute: the exact low-memory mode (kernels/long_ce_recompute_chunked.py): the forward keeps only
+    per-row log-sum-exp statistics, the backward recomputes the logits in [r, c] blocks (8 N H V FLOPs
+    instead of 6), writes each dW tile once in the weight's dtype (no fp32 [V, H] buffer) and accumulates
+    dX in fp32.  Extra memory: dW + 4 N H (the fp32 dX) + chunk_bytes of blocks, which by default is
+    256 MiB - 2 N H - 8 MiB on CUDA: extra <= dX + dW + 256 MiB (Qwen2-7B at 28k tokens: ~1.5 GiB against
+    the speed mode's ~3.3 GiB).  The backward may run more than once (retain_graph).
 
     Under FSDP2 call this inside the forward of the module that owns `weight` (the lm_head or the root
     model), where FSDP has all-gathered it; from another method, register it with
@@ -106,7 +115,11 @@ def linear_cross_entropy(
     labels = labels.long()  # int32 labels are accepted; gather/scatter index with int64
     if check_labels:
         _check_labels(labels, weight.shape[0], ignore_index)
-    if chunk_bytes is None:
+    if chunk_bytes is None and recompute:
+        need_dx = torch.is_grad_enabled() and hidden.requires_grad
+        n, h = hidden.shape
+        chunk_bytes = recompute_chunk_bytes(n, h, hidden.element_size(), hidden.device.type, need_dx)
+    elif chunk_bytes is None:
         chunk_bytes = _default_chunk_bytes(hidden.device)
     opts = LongCEOptions(
         ignore_index=ignore_index,
@@ -116,6 +129,8 @@ def linear_cross_entropy(
         softcap=None if softcap is None else float(softcap),
         chunk_bytes=int(chunk_bytes),
     )
+    if recompute:
+        return recompute_linear_cross_entropy(hidden, weight, bias, labels, opts, impl)
     steps = TORCH_STEPS
     if impl == "triton" or (impl == "auto" and hidden.is_cuda):
         try:  # lazy: `import kernels` must work without Triton or its GPU backend
@@ -148,6 +163,7 @@ class LinearCrossEntropy(nn.Module):
         impl: str = "auto",
         check_labels: bool = True,
         chunk_bytes: int | None = None,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         LongCEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)  # validate early
@@ -160,6 +176,7 @@ class LinearCrossEntropy(nn.Module):
             impl=impl,
             check_labels=check_labels,
             chunk_bytes=chunk_bytes,
+            recompute=recompute,
         )
 
     def forward(

@@ -1,0 +1,173 @@
+"""Triton kernels of the exact low-memory long-ce (`recompute=True`); the driver, the autograd.Function and
+the PyTorch twin of these two passes are in kernels/long_ce_recompute_chunked.py.
+
+Both kernels run over one logits block z [r, c] (vocabulary columns v0 .. v0 + c), one program per row,
+reading the row once (memory-bound: 2 bytes per logit in the forward, 4 in the backward, against 2 H FLOPs
+per logit in each GEMM around them, so ~1-3% of the GEMM time at H = 3584 by arithmetic):
+
+    _stats_kernel  the forward: folds the block into the row's running (max m, sum s) online, adds z[label]
+                   and (smoothing) sum z; the program owns the row's [N]-vector entries, no atomics
+    _grad_kernel   the backward: overwrites z with g = scale * d loss / d z in fp32, one rounding on the store
+
+Column loops run a constexpr number of blocks (Triton 3.6's interpreter cannot iterate a range whose bound
+is a runtime argument).  Offsets are int64 (row * stride passes 2^31 for large blocks).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .long_ce import _INTERPRET, _check_device, _load_z
+from .long_ce_recompute_chunked import RecomputeSteps
+from .long_ce_ref import LongCEOptions
+
+
+@triton.jit
+def _stats_kernel(
+    z_ptr,  # [r, c] logits block, input dtype (read only)
+    stride_z,
+    bias_ptr,  # [c] (the block's columns) or dummy
+    labels_ptr,  # [r] int64
+    m_ptr,  # [r] fp32 running max, in/out
+    s_ptr,  # [r] fp32 running sum of exp(z - m), in/out
+    zy_ptr,  # [r] fp32 running z[label], in/out
+    zsum_ptr,  # [r] fp32 running sum of z (SMOOTH) or dummy
+    C,
+    v0,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = z_ptr + row * stride_z
+    label = tl.load(labels_ptr + row).to(tl.int64) - v0  # column of the label in this block, if any
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    z_y = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+    z_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+    for i in range(N_BLOCKS):
+        cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < C
+        z, t = _load_z(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)  # m = -inf at first: 0 * 0
+        m = m_new
+        z_y += tl.sum(tl.where(mask & (cols == label), z, 0.0), axis=0)  # masked lanes are -inf
+        if SMOOTH:
+            z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(zy_ptr + row, tl.load(zy_ptr + row) + z_y)
+    if SMOOTH:
+        tl.store(zsum_ptr + row, tl.load(zsum_ptr + row) + z_sum)
+
+
+@triton.jit
+def _grad_kernel(
+    z_ptr,  # [r, c] logits block, input dtype; overwritten with g
+    stride_z,
+    bias_ptr,  # [c] or dummy
+    labels_ptr,  # [r] int64
+    m_ptr,  # [r] fp32 row max (forward)
+    logs_ptr,  # [r] fp32 log sum exp(z - m) (forward)
+    scale_ptr,  # [r] fp32 grad_output (/ count), 0 on ignored rows
+    C,
+    v0,
+    eps_over_v,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    N_BLOCKS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = z_ptr + row * stride_z
+    label = tl.load(labels_ptr + row).to(tl.int64) - v0
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(logs_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    coef = 1.0 + 2.0 * z_loss * (m + log_s)
+    for i in range(N_BLOCKS):
+        cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < C
+        z, t = _load_z(row_ptr, bias_ptr, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
+        g = tl.exp((z - m) - log_s) * coef - eps_over_v  # p formed around m, as in the forward
+        g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)
+        g = g * scale
+        tl.store(row_ptr + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocking(c: int) -> tuple[int, int, int]:
+    """(BLOCK_V, N_BLOCKS, num_warps) for a block of c columns."""
+    if _INTERPRET:  # small blocks exercise the column loop and its ragged end
+        return 32, triton.cdiv(c, 32), 1
+    block_v = min(2048, triton.next_power_of_2(c))
+    return block_v, triton.cdiv(c, block_v), 4 if block_v >= 1024 else 2
+
+
+def stats_triton(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions) -> None:
+    _check_device(z)
+    r, c = z.shape
+    assert z.stride(1) == 1 and all(t.is_contiguous() for t in (labels, m, s, z_y))
+    if r == 0:
+        return
+    block_v, n_blocks, warps = _blocking(c)
+    _stats_kernel[(r,)](
+        z,
+        z.stride(0),
+        m if bias is None else bias,
+        labels,
+        m,
+        s,
+        z_y,
+        m if z_sum is None else z_sum,
+        c,
+        v0,
+        1.0 if opts.softcap is None else opts.softcap,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=opts.softcap is not None,
+        SMOOTH=z_sum is not None,
+        BLOCK_V=block_v,
+        N_BLOCKS=n_blocks,
+        num_warps=warps,
+    )
+
+
+def grad_triton(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEOptions) -> None:
+    _check_device(z)
+    r, c = z.shape
+    assert z.stride(1) == 1 and all(t.is_contiguous() for t in (labels, m, log_s, scale))
+    if r == 0:
+        return
+    block_v, n_blocks, warps = _blocking(c)
+    _grad_kernel[(r,)](
+        z,
+        z.stride(0),
+        m if bias is None else bias,
+        labels,
+        m,
+        log_s,
+        scale,
+        c,
+        v0,
+        opts.label_smoothing / v,
+        opts.label_smoothing,
+        opts.z_loss,
+        1.0 if opts.softcap is None else opts.softcap,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=opts.softcap is not None,
+        BLOCK_V=block_v,
+        N_BLOCKS=n_blocks,
+        num_warps=warps,
+    )
+
+
+TRITON_RECOMPUTE_STEPS = RecomputeSteps(stats=stats_triton, grad=grad_triton, scratch_per_elem=0)
