@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
 from .long_ce_chunked import Steps
 from .long_ce_ref import LongCEOptions
 
@@ -174,7 +175,7 @@ def _check_device(t: torch.Tensor) -> None:
         raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU); use impl='torch'")
 
 
-def rows_triton(
+def rows_launch(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
@@ -182,17 +183,14 @@ def rows_triton(
     opts: LongCEOptions,
     row_scale: torch.Tensor | None,
     write_grad: bool,
-) -> None:
-    _check_device(logits)
+) -> Launch:
+    """The `_rows_kernel` launch for one chunk (tests compile exactly this; see kernels/launch.py)."""
     C, V = logits.shape
     assert logits.stride(1) == 1 and loss_out.is_contiguous()
-    if C == 0:
-        return
-    labels = labels.contiguous()
-    bias_arg = bias.contiguous() if bias is not None else loss_out
-    scale_arg = row_scale.contiguous() if row_scale is not None else loss_out
+    bias_arg = bias if bias is not None else loss_out
+    scale_arg = row_scale if row_scale is not None else loss_out
     block_v = 64 if _INTERPRET else min(4096, triton.next_power_of_2(V))
-    _rows_kernel[(C,)](
+    args = (
         logits,
         logits.stride(0),
         bias_arg,
@@ -204,6 +202,8 @@ def rows_triton(
         opts.label_smoothing,
         opts.z_loss,
         1.0 if opts.softcap is None else opts.softcap,
+    )
+    kwargs = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None,
         HAS_SCALE=row_scale is not None,
@@ -211,32 +211,29 @@ def rows_triton(
         BLOCK_V=block_v,
         num_warps=1 if _INTERPRET else 8,
     )
+    return Launch(_rows_kernel, (C,), args, kwargs)
 
 
-def accumulate_dw_triton(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
-    _check_device(grad)
+def rows_triton(logits, bias, labels, loss_out, opts, row_scale, write_grad) -> None:
+    _check_device(logits)
+    if logits.shape[0] == 0:
+        return
+    bias = bias.contiguous() if bias is not None else None
+    row_scale = row_scale.contiguous() if row_scale is not None else None
+    rows_launch(logits, bias, labels.contiguous(), loss_out, opts, row_scale, write_grad)()
+
+
+def dw_launch(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> Launch:
+    """The `_dw_kernel` launch for one chunk: dw_acc[V, H] (fp32) += grad[C, V]^T @ x[C, H]."""
     C, V = grad.shape
     H = x.shape[1]
-    if C == 0:
-        return
     if _INTERPRET:
         bv, bh, bc, warps, stages = 32, 32, 16, 1, 1
     else:  # H100-friendly defaults; 128x128x64 bf16 tiles, 3-stage pipeline
         bv, bh, bc, warps, stages = 128, 128, 64, 8, 3
     grid = (triton.cdiv(V, bv) * triton.cdiv(H, bh),)
-    _dw_kernel[grid](
-        grad,
-        x,
-        dw_acc,
-        C,
-        V,
-        H,
-        grad.stride(0),
-        grad.stride(1),
-        x.stride(0),
-        x.stride(1),
-        dw_acc.stride(0),
-        dw_acc.stride(1),
+    args = (grad, x, dw_acc, C, V, H, *grad.stride(), *x.stride(), *dw_acc.stride())
+    kwargs = dict(
         DOT_PRECISION="ieee" if grad.dtype == torch.float32 else "tf32",
         BLOCK_V=bv,
         BLOCK_H=bh,
@@ -245,6 +242,14 @@ def accumulate_dw_triton(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tens
         num_warps=warps,
         num_stages=stages,
     )
+    return Launch(_dw_kernel, grid, args, kwargs)
+
+
+def accumulate_dw_triton(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
+    _check_device(grad)
+    if grad.shape[0] == 0:
+        return
+    dw_launch(dw_acc, grad, x)()
 
 
 TRITON_STEPS = Steps(rows=rows_triton, accumulate_dw=accumulate_dw_triton)
