@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import Launch
 from .long_ce import _INTERPRET, _check_device, _load_z
 from .long_ce_recompute_chunked import RecomputeSteps
 from .long_ce_ref import LongCEOptions
@@ -113,14 +114,12 @@ def _blocking(c: int) -> tuple[int, int, int]:
     return block_v, triton.cdiv(c, block_v), 4 if block_v >= 1024 else 2
 
 
-def stats_triton(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions) -> None:
-    _check_device(z)
+def stats_launch(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions) -> Launch:
+    """The `_stats_kernel` launch for one block (tests compile exactly this; see kernels/launch.py)."""
     r, c = z.shape
     assert z.stride(1) == 1 and all(t.is_contiguous() for t in (labels, m, s, z_y))
-    if r == 0:
-        return
     block_v, n_blocks, warps = _blocking(c)
-    _stats_kernel[(r,)](
+    args = (
         z,
         z.stride(0),
         m if bias is None else bias,
@@ -132,6 +131,8 @@ def stats_triton(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions
         c,
         v0,
         1.0 if opts.softcap is None else opts.softcap,
+    )
+    kwargs = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None,
         SMOOTH=z_sum is not None,
@@ -139,16 +140,15 @@ def stats_triton(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions
         N_BLOCKS=n_blocks,
         num_warps=warps,
     )
+    return Launch(_stats_kernel, (r,), args, kwargs)
 
 
-def grad_triton(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEOptions) -> None:
-    _check_device(z)
+def grad_launch(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEOptions) -> Launch:
+    """The `_grad_kernel` launch for one block."""
     r, c = z.shape
     assert z.stride(1) == 1 and all(t.is_contiguous() for t in (labels, m, log_s, scale))
-    if r == 0:
-        return
     block_v, n_blocks, warps = _blocking(c)
-    _grad_kernel[(r,)](
+    args = (
         z,
         z.stride(0),
         m if bias is None else bias,
@@ -162,12 +162,27 @@ def grad_triton(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEO
         opts.label_smoothing,
         opts.z_loss,
         1.0 if opts.softcap is None else opts.softcap,
+    )
+    kwargs = dict(
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None,
         BLOCK_V=block_v,
         N_BLOCKS=n_blocks,
         num_warps=warps,
     )
+    return Launch(_grad_kernel, (r,), args, kwargs)
+
+
+def stats_triton(z, bias, labels, v0, m, s, z_y, z_sum, opts) -> None:
+    _check_device(z)
+    if z.shape[0]:
+        stats_launch(z, bias, labels, v0, m, s, z_y, z_sum, opts)()
+
+
+def grad_triton(z, bias, labels, v0, v, m, log_s, scale, opts) -> None:
+    _check_device(z)
+    if z.shape[0]:
+        grad_launch(z, bias, labels, v0, v, m, log_s, scale, opts)()
 
 
 TRITON_RECOMPUTE_STEPS = RecomputeSteps(stats=stats_triton, grad=grad_triton, scratch_per_elem=0)
