@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import kernels
+
 GiB = 1024**3
 
 
@@ -75,6 +77,7 @@ def plan_memory(
     checkpoint_every: int = 1,
     fused_loss: bool = True,
     loss_chunk_bytes: int = 256 * 2**20,  # kernels' default on CUDA
+    loss_recompute: bool = False,
 ) -> MemoryPlan:
     n = args.num_params()
     shard = n / world_size
@@ -88,7 +91,11 @@ def plan_memory(
     saved = n_ckpt * t * h * b + (args.num_layers - n_ckpt) * full_block
     saved += 3 * t * h * max(b, 4)  # embedding output (+ NEFTune noise), final norm input/output
     recompute = 2 * full_block if n_ckpt else t * h * b * 2  # one block's activations and their grads
-    if fused_loss:
+    if fused_loss and loss_recompute:
+        # linear_cross_entropy(recompute=True): dW in the weight dtype, the fp32 dX accumulator [T, H] and
+        # its block buffers (the kernel's own default budget: dX + dW + 256 MiB in all at 16 bits)
+        loss = kernels.recompute_chunk_bytes(t, h, b, "cuda", True) + v * h * b + t * h * 4
+    elif fused_loss:
         # kernels.linear_cross_entropy: one [C, V] chunk buffer (chunk_bytes), the fp32 dW accumulator [V, H]
         # and dX [T, H]; its gradients are produced during the forward
         loss = min(loss_chunk_bytes, t * v * b) + v * h * 4 + t * h * b
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gradient_checkpointing_every", type=int, default=1)
     p.add_argument("--no_checkpointing", action="store_true")
     p.add_argument("--loss_impl", default="auto", choices=("auto", "triton", "torch"))
+    p.add_argument("--loss_recompute", action="store_true", help="the fused loss's exact low-memory mode")
     a = p.parse_args(argv)
     args = FLAVOURS[a.model] if a.model in FLAVOURS else read_config(a.model)[0]
     plan = plan_memory(
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         gradient_checkpointing=not a.no_checkpointing,
         checkpoint_every=a.gradient_checkpointing_every,
         fused_loss=a.loss_impl != "torch",
+        loss_recompute=a.loss_recompute,
     )
     print(f"{a.model}, {a.world_size} ranks, {a.batch_size} x {a.max_length} tokens per micro-batch")
     print(plan.format())

@@ -73,8 +73,9 @@ def build_sharded_model(cfg: Config, info: DistInfo):
     # Labels are token ids of a tokenizer whose vocabulary run() checks against the model's once, so the
     # kernel's per-call range check (a host sync per micro-batch on CUDA) is skipped.
     model.loss_fn = functools.partial(
-        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False
-    )
+        kernels.linear_cross_entropy, reduction="sum", impl=cfg.model.loss_impl, check_labels=False,
+        recompute=cfg.model.loss_recompute,
+    )  # fmt: skip
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
         apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
@@ -224,6 +225,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         model.args, world_size=info.world_size, tokens_per_micro_batch=tokens_per_mb,
         param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=t.gradient_checkpointing,
         checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
+        loss_recompute=cfg.model.loss_recompute,
     )  # fmt: skip
     log.write(
         f"{cfg.model.model}: {model.args.num_params() / 1e6:.1f}M params, world {info.world_size}, "

@@ -10,7 +10,13 @@ from .long_ce_recompute_chunked import default_chunk_bytes as recompute_chunk_by
 from .long_ce_recompute_chunked import recompute_linear_cross_entropy
 from .long_ce_ref import LongCEOptions, naive_linear_cross_entropy
 
-__all__ = ["LinearCrossEntropy", "LongCEOptions", "linear_cross_entropy", "naive_linear_cross_entropy"]
+__all__ = [
+    "LinearCrossEntropy",
+    "LongCEOptions",
+    "linear_cross_entropy",
+    "naive_linear_cross_entropy",
+    "recompute_chunk_bytes",
+]
 
 IMPLS = ("auto", "triton", "torch")
 
