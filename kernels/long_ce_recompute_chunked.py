@@ -303,10 +303,10 @@ def backward_pass(hidden, weight, bias, labels, m, log_s, scale, opts, steps, pl
         dw_acc = torch.empty(min(v, plan[1]), h, dtype=torch.float32, device=dev)
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     buf = torch.empty(min(n, plan[0]) * min(v, plan[1]), dtype=hidden.dtype, device=dev)
+    acc = None
     for v0, v1, rows in _blocks(n, v, plan):
         w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
         w_mm = w.float() if up and need_dx else w
-        acc = None
         if need_dw and multi:
             acc = dw[v0:v1] if dw_acc is None else dw_acc[: v1 - v0].zero_()
         for r0, r1 in rows:
@@ -325,6 +325,7 @@ def backward_pass(hidden, weight, bias, labels, m, log_s, scale, opts, steps, pl
                 db[v0:v1] += g.sum(0, dtype=torch.float32)
         if dw_acc is not None:
             dw[v0:v1].copy_(acc)  # one rounding per dW tile
+    del buf, dw_acc, acc  # before dX is rounded: the peak stays dW + fp32 dX + the blocks
     return (
         None if dx is None else dx.finish(),
         dw,
