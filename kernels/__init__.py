@@ -107,9 +107,10 @@ def linear_cross_entropy(
     recompute: the exact low-memory mode (kernels/long_ce_recompute_chunked.py): the forward keeps only
     per-row log-sum-exp statistics, the backward recomputes the logits in [r, c] blocks (8 N H V FLOPs
     instead of 6), writes each dW tile once in the weight's dtype (no fp32 [V, H] buffer) and accumulates
-    dX in fp32.  Extra memory: dW + 4 N H (the fp32 dX) + chunk_bytes of blocks, which by default is
-    256 MiB - 2 N H - 8 MiB on CUDA: extra <= dX + dW + 256 MiB (Qwen2-7B at 28k tokens: ~1.5 GiB against
-    the speed mode's ~3.3 GiB).  The backward may run more than once (retain_graph).
+    dX in fp32.  Extra memory: dW + 4 N H (the fp32 dX) + chunk_bytes, here the budget of its block
+    buffers, by default 256 MiB - 2 N H - 8 MiB on CUDA (kernels.recompute_chunk_bytes): extra <= dX + dW
+    + 256 MiB for 16-bit inputs while N H <= 116 Mi (Qwen2-7B at 28k tokens: 1.45 GiB).  Its backward
+    may run more than once (retain_graph).
 
     Under FSDP2 call this inside the forward of the module that owns `weight` (the lm_head or the root
     model), where FSDP has all-gathered it; from another method, register it with

@@ -27,8 +27,8 @@ The default budget is 256 MiB - 2 N H - 8 MiB on CUDA (floor 16 MiB), so extra <
   Qwen2-7B  N=28,672 H=3584 V=152,064 bf16: dX 196 MiB, dW 1,039 MiB, fp32 dX 392 MiB, blocks <= 52 MiB
   GLM-4-9B  N=28,672 H=4096 V=151,552 bf16: dX 224 MiB, dW 1,184 MiB, fp32 dX 448 MiB, blocks <= 24 MiB
 (tests/kernels/test_long_ce_recompute.py::test_plan_fits_the_goal_at_both_shapes checks this arithmetic;
-plan_blocks picks the block shapes).  Where the dX excess 2 N H alone passes 256 MiB (N H > 128 Mi) the goal
-cannot be met by this design and the floor applies.
+plan_blocks picks the block shapes).  Past N H = 116 Mi (2 N H > 232 MiB) the 16 MiB floor applies and extra
+is dX + dW + 2 N H + 16 MiB: over the goal, which this design cannot meet there.
 """
 
 from __future__ import annotations
