@@ -145,7 +145,7 @@ def mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 def default_chunk_bytes(n: int, h: int, itemsize: int, device_type: str, need_dx: bool) -> int:
     """Budget of the block buffers.  The goal is extra <= dX + dW + 256 MiB on CUDA (96 MiB on CPU); the fp32
-    dX accumulator holds 2 N H bytes more than a 16-bit dX, and 8 MiB are left for [N] vectors and rounding."""
+    dX accumulator holds 2 N H bytes more than a 16-bit dX; 8 MiB are left for [N] vectors and rounding."""
     total = (256 if device_type == "cuda" else 96) * MiB
     excess = n * h * (4 - itemsize) if need_dx else 0
     return max(16 * MiB, total - excess - 8 * MiB)
@@ -164,7 +164,7 @@ def plan_blocks(
     need_dx: bool,
     need_dw: bool,
 ) -> tuple[int, int]:
-    """(rows r, columns c) of the logits block: the least fp32-accumulator traffic whose buffers fit in budget.
+    """(rows r, columns c) of the logits block: least fp32-accumulator traffic with buffers within budget.
 
     Buffers: the block with its scratch (r c block_elem); with r < N and a 16-bit weight (acc_w) the fp32
     [c, H] dW accumulator; with upcast (no 16-bit -> fp32 GEMM) fp32 copies of g [r, c], W_c [c, H] and,
