@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
 from .long_ce_chunked import TORCH_STEPS, LinearCrossEntropyFunction
+from .long_ce_recompute_chunked import TORCH_RECOMPUTE_STEPS, RecomputeLinearCrossEntropyFunction
 from .long_ce_recompute_chunked import default_chunk_bytes as recompute_chunk_bytes
-from .long_ce_recompute_chunked import recompute_linear_cross_entropy
 from .long_ce_ref import LongCEOptions, naive_linear_cross_entropy
 
 __all__ = [
@@ -137,19 +139,25 @@ def linear_cross_entropy(
         chunk_bytes=int(chunk_bytes),
     )
     if recompute:
-        return recompute_linear_cross_entropy(hidden, weight, bias, labels, opts, impl)
-    steps = TORCH_STEPS
+        steps = _triton_or(
+            TORCH_RECOMPUTE_STEPS, impl, hidden, ".long_ce_recompute", "TRITON_RECOMPUTE_STEPS"
+        )
+        fn = RecomputeLinearCrossEntropyFunction
+    else:
+        steps = _triton_or(TORCH_STEPS, impl, hidden, ".long_ce", "TRITON_STEPS")
+        fn = LinearCrossEntropyFunction
+    return fn.apply(hidden, weight, bias, labels, opts, steps, torch.is_grad_enabled())
+
+
+def _triton_or(twin_steps, impl: str, hidden: torch.Tensor, module: str, name: str):
+    """The Triton steps `module.name` for CUDA tensors (impl="auto") or on request, else the twin's."""
     if impl == "triton" or (impl == "auto" and hidden.is_cuda):
         try:  # lazy: `import kernels` must work without Triton or its GPU backend
-            from .long_ce import TRITON_STEPS
-
-            steps = TRITON_STEPS
+            return getattr(importlib.import_module(module, __name__), name)
         except ImportError:
             if impl == "triton":
                 raise
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, opts, steps, torch.is_grad_enabled()
-    )
+    return twin_steps
 
 
 class LinearCrossEntropy(nn.Module):

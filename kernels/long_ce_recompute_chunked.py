@@ -384,19 +384,3 @@ class RecomputeLinearCrossEntropyFunction(torch.autograd.Function):
             _gemm_ready(hidden), weight, bias_c, labels, m, log_s, scale, opts, ctx.steps, ctx.plan, ctx.needs
         )
         return dx, dw, db, None, None, None, None
-
-
-def recompute_linear_cross_entropy(hidden, weight, bias, labels, opts: LongCEOptions, impl: str):
-    """kernels.linear_cross_entropy(..., recompute=True) after its checks (impl as there)."""
-    steps = TORCH_RECOMPUTE_STEPS
-    if impl == "triton" or (impl == "auto" and hidden.is_cuda):
-        try:  # lazy: `import kernels` must work without Triton or its GPU backend
-            from .long_ce_recompute import TRITON_RECOMPUTE_STEPS
-
-            steps = TRITON_RECOMPUTE_STEPS
-        except ImportError:
-            if impl == "triton":
-                raise
-    return RecomputeLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, opts, steps, torch.is_grad_enabled()
-    )

@@ -34,11 +34,12 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("recompute", [False, True])  # the speed mode and the exact low-memory mode
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_qwen2_7b_shape_bf16_vs_fp32_reference(reduction):
+def test_qwen2_7b_shape_bf16_vs_fp32_reference(reduction, recompute):
     n, h, v = 28_672, 3584, 152_064
     hidden, weight, labels = _inputs(n, h, v, torch.bfloat16)
-    ours = _run(hidden, weight, labels, reduction=reduction, impl="triton")
+    ours = _run(hidden, weight, labels, reduction=reduction, impl="triton", recompute=recompute)
     twin = _run(hidden, weight, labels, reduction=reduction, impl="torch")
     ref = _run(hidden.float(), weight.float(), labels, reduction=reduction, impl="torch")
     for name, o, t, r in zip(("loss", "dX", "dW"), ours, twin, ref):
