@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import kernels
+from kernels.long_ce_chunked import CUDA_CHUNK_ROWS
 
 GiB = 1024**3
 
@@ -76,7 +77,7 @@ def plan_memory(
     gradient_checkpointing: bool = True,
     checkpoint_every: int = 1,
     fused_loss: bool = True,
-    loss_chunk_bytes: int = 256 * 2**20,  # kernels' default on CUDA
+    loss_chunk_rows: int = CUDA_CHUNK_ROWS,  # kernels' default on CUDA
     loss_recompute: bool = False,
 ) -> MemoryPlan:
     n = args.num_params()
@@ -96,9 +97,11 @@ def plan_memory(
         # its block buffers (the kernel's own default budget: dX + dW + 256 MiB in all at 16 bits)
         loss = kernels.recompute_chunk_bytes(t, h, b, "cuda", True) + v * h * b + t * h * 4
     elif fused_loss:
-        # kernels.linear_cross_entropy: one [C, V] chunk buffer (chunk_bytes), the fp32 dW accumulator [V, H]
-        # and dX [T, H]; its gradients are produced during the forward
-        loss = min(loss_chunk_bytes, t * v * b) + v * h * 4 + t * h * b
+        # kernels.linear_cross_entropy (speed mode): gradients made during the forward, kept in fp32 until
+        # the backward casts them.  Peak: the [C, V] chunk + fp32 dW [V, H] + fp32 dX [T, H] in the forward,
+        # or dX + fp32 dW + 16-bit dW during dW's final cast.
+        forward = min(loss_chunk_rows, t) * v * b + v * h * 4 + t * h * 4
+        loss = max(forward, t * h * b + v * h * (4 + b))
     else:
         loss = t * v * (b + 4 + 4)  # logits, fp32 copy, fp32 grad
     return MemoryPlan(

@@ -34,17 +34,14 @@ is dX + dW + 2 N H + 16 MiB: over the goal, which this design cannot meet there.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .long_ce_chunked import _reduce
-from .long_ce_ref import LongCEOptions
+from .long_ce_ref import UPCAST_BLOCK_BYTES, LongCEOptions, fp32_out_matmul_supported, matmul_f32_torch
 
-log = logging.getLogger(__name__)
 MiB = 2**20
 # Cost of one block's ~4 kernel launches in plan_blocks, as bytes of HBM traffic (~10 us at ~3 TB/s).
 _BLOCK_OVERHEAD_BYTES = 32 * MiB
@@ -52,11 +49,13 @@ _BLOCK_OVERHEAD_BYTES = 32 * MiB
 
 @dataclass(frozen=True)
 class RecomputeSteps:
-    """The two elementwise passes of one implementation (contracts: stats_torch, grad_torch)."""
+    """The passes of one implementation (contracts: stats_torch, grad_torch, long_ce_ref.matmul_f32_torch)."""
 
     stats: Callable[..., None]
     grad: Callable[..., None]
+    matmul_f32: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], None]  # the speed mode's
     scratch_per_elem: int  # bytes of temporaries per block element beyond the block (the twin's fp32 copies)
+    upcasts: bool  # its matmul_f32 makes fp32 operand copies (<= UPCAST_BLOCK_BYTES) without fp32-out GEMMs
 
 
 # ----------------------------------------------------------------------------- the PyTorch twin
@@ -118,29 +117,12 @@ def grad_torch(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEOp
         z.copy_(g)  # the one rounding
 
 
-TORCH_RECOMPUTE_STEPS = RecomputeSteps(stats=stats_torch, grad=grad_torch, scratch_per_elem=12)
+TORCH_RECOMPUTE_STEPS = RecomputeSteps(
+    stats=stats_torch, grad=grad_torch, matmul_f32=matmul_f32_torch, scratch_per_elem=12, upcasts=True
+)
 
 
 # ----------------------------------------------------------------------------- planning and accumulation
-
-
-@functools.cache
-def mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm accumulates 16-bit x 16-bit products into an fp32 tensor here (out_dtype=fp32 with
-    an fp32 input: CUDA in recent torch).  Otherwise the GEMM operands are upcast (plan_blocks counts it)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return False
-    try:
-        a = torch.full((2, 2), 1.5, device=device, dtype=dtype)
-        acc = torch.ones(2, 2, device=device)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        ok = bool((acc == 5.5).all())
-    except (TypeError, RuntimeError, NotImplementedError) as e:
-        log.info("long-ce recompute: no 16-bit -> fp32 addmm here (%s); upcasting its operands", e)
-        return False
-    if not ok:
-        log.warning("long-ce recompute: addmm(out_dtype=fp32) gave a wrong result; upcasting its operands")
-    return ok
 
 
 def default_chunk_bytes(n: int, h: int, itemsize: int, device_type: str, need_dx: bool) -> int:
@@ -159,26 +141,24 @@ def plan_blocks(
     budget: int,
     *,
     block_elem: int,
-    upcast: bool,
     acc_w: bool,
     need_dx: bool,
     need_dw: bool,
 ) -> tuple[int, int]:
     """(rows r, columns c) of the logits block: least fp32-accumulator traffic with buffers within budget.
 
-    Buffers: the block with its scratch (r c block_elem); with r < N and a 16-bit weight (acc_w) the fp32
-    [c, H] dW accumulator; with upcast (no 16-bit -> fp32 GEMM) fp32 copies of g [r, c], W_c [c, H] and,
-    for r < N, x_r [r, H].  Traffic (a heuristic): the fp32 dX accumulator is read and written once per
-    vocabulary chunk (8 N H bytes), the dW accumulator once per row block (8 V H, only when r < N), plus a
-    fixed cost per block for its kernel launches.  r = N needs no dW accumulator: preferred when it fits.
+    Buffers: the block with its scratch (r c block_elem) and, with r < N and a 16-bit weight (acc_w), the
+    fp32 [c, H] dW accumulator.  Traffic (a heuristic): the fp32 dX accumulator is read and written once
+    per vocabulary chunk (8 N H bytes), the dW accumulator once per row block (8 V H, only when r < N),
+    plus a fixed cost per block for its kernel launches.  r = N needs no dW accumulator: preferred when it
+    fits.
     """
     best = None
     for c in sorted({v, *range(128, v, 128), *(2**i for i in range(7) if 2**i < v)}):
         for multi in (False, True):
-            g32 = upcast and (need_dx or (need_dw and multi))
-            per_row = c * (block_elem + 4 * g32) + 4 * h * (upcast and need_dw and multi)
-            fixed = 4 * c * h * ((upcast and need_dx) + (acc_w and need_dw and multi))
-            r = n if not multi else min(n - 1, (budget - fixed) // max(1, per_row))
+            per_row = c * block_elem
+            fixed = 4 * c * h * (acc_w and need_dw and multi)
+            r = n if not multi else min(n - 1, (budget - fixed) // per_row)
             if r < 1 or fixed + r * per_row > budget:
                 continue
             if multi and r >= 256:
@@ -205,12 +185,12 @@ class _DxAccumulator:
             torch.zeros(k, h, dtype=torch.float32, device=device) for k in (self.split, n - self.split)
         ]
 
-    def addmm_(self, s: int, e: int, g: torch.Tensor, w: torch.Tensor) -> None:
-        """rows [s, e) += g @ w, g [e - s, c] and w [c, H] in the input dtype (or fp32 copies)."""
+    def addmm_(self, s: int, e: int, g: torch.Tensor, w: torch.Tensor, matmul_f32) -> None:
+        """rows [s, e) += g @ w (g [e - s, c], w [c, H] in the input dtype) with fp32 accumulation."""
         for part, lo in zip(self.parts, (0, self.split)):
             a, b = max(s, lo), min(e, lo + part.shape[0])
             if a < b:
-                _gemm_acc_(part[a - lo : b - lo], g[a - s : b - s], w)
+                matmul_f32(g[a - s : b - s], w, part[a - lo : b - lo], True)
 
     def finish(self) -> torch.Tensor:
         top, bot = self.parts
@@ -231,14 +211,6 @@ class _DxAccumulator:
         out[:k].copy_(first)
         out[split:].copy_(bot)  # lies over top rows [split/2, N/2), all done
         return out
-
-
-def _gemm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with fp32 accumulation; a, b are fp32 or 16-bit (then mixed_gemm_ok holds)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
 
 
 def _blocks(n: int, v: int, plan: tuple[int, int]):
@@ -292,12 +264,8 @@ def backward_pass(hidden, weight, bias, labels, m, log_s, scale, opts, steps, pl
     v = weight.shape[0]
     dev = hidden.device
     multi = plan[0] < n
-    up = hidden.dtype != torch.float32 and not mixed_gemm_ok(dev, hidden.dtype)
     dx = _DxAccumulator(n, h, hidden.dtype, dev) if need_dx else None
-    dw = None
-    if need_dw:  # fp32 with r < N: dW is its own accumulator
-        alloc = torch.zeros if multi and weight.dtype == torch.float32 else torch.empty
-        dw = alloc(v, h, dtype=weight.dtype, device=dev)
+    dw = torch.empty(v, h, dtype=weight.dtype, device=dev) if need_dw else None
     dw_acc = None
     if need_dw and multi and weight.dtype != torch.float32:
         dw_acc = torch.empty(min(v, plan[1]), h, dtype=torch.float32, device=dev)
@@ -306,21 +274,19 @@ def backward_pass(hidden, weight, bias, labels, m, log_s, scale, opts, steps, pl
     acc = None
     for v0, v1, rows in _blocks(n, v, plan):
         w, b = weight[v0:v1], None if bias is None else bias[v0:v1]
-        w_mm = w.float() if up and need_dx else w
-        if need_dw and multi:
-            acc = dw[v0:v1] if dw_acc is None else dw_acc[: v1 - v0].zero_()
+        if need_dw and multi:  # fp32: dW is its own accumulator
+            acc = dw[v0:v1] if dw_acc is None else dw_acc[: v1 - v0]
         for r0, r1 in rows:
             x = hidden[r0:r1]
             g = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             torch.mm(x, w.T, out=g)
             steps.grad(g, b, labels[r0:r1], v0, v, m[r0:r1], log_s[r0:r1], scale[r0:r1], opts)
-            g_mm = g.float() if up else g
             if need_dw and not multi:
                 torch.mm(g.T, x, out=dw[v0:v1])  # the whole of dW_c in one GEMM: one rounding
             elif need_dw:
-                _gemm_acc_(acc, g_mm.T, x.float() if up else x)
+                steps.matmul_f32(g.T, x, acc, r0 > 0)  # the first row block writes, the others add
             if need_dx:
-                dx.addmm_(r0, r1, g_mm, w_mm)
+                dx.addmm_(r0, r1, g, w, steps.matmul_f32)
             if need_db:
                 db[v0:v1] += g.sum(0, dtype=torch.float32)
         if dw_acc is not None:
@@ -335,14 +301,18 @@ def backward_pass(hidden, weight, bias, labels, m, log_s, scale, opts, steps, pl
 
 def make_plan(hidden, weight, opts: LongCEOptions, steps: RecomputeSteps, needs) -> tuple[int, int]:
     need_dx, need_dw, _ = needs
-    sixteen = hidden.dtype != torch.float32
+    (n, h), sixteen = hidden.shape, hidden.dtype != torch.float32
+    budget = opts.chunk_bytes
+    if budget is None:
+        budget = default_chunk_bytes(n, h, hidden.element_size(), hidden.device.type, need_dx)
+    if sixteen and steps.upcasts and not fp32_out_matmul_supported(hidden.device):
+        budget = max(budget // 2, budget - UPCAST_BLOCK_BYTES)  # matmul_f32's fp32 operand copies
     return plan_blocks(
-        hidden.shape[0],
-        hidden.shape[1],
+        n,
+        h,
         weight.shape[0],
-        opts.chunk_bytes,
+        budget,
         block_elem=hidden.element_size() + steps.scratch_per_elem,
-        upcast=sixteen and not mixed_gemm_ok(hidden.device, hidden.dtype) and (need_dx or need_dw),
         acc_w=sixteen,
         need_dx=need_dx,
         need_dw=need_dw,
@@ -363,21 +333,27 @@ class RecomputeLinearCrossEntropyFunction(torch.autograd.Function):
         x = _gemm_ready(hidden)
         plan = make_plan(x, weight, opts, steps, needs)
         loss_rows, m, log_s = forward_pass(x, weight, bias_c, labels, opts, steps, plan)
-        loss, count = _reduce(loss_rows, labels, opts)
+        loss, count = loss_rows, None
+        if opts.reduction != "none":
+            loss = loss_rows.sum()
+        if opts.reduction == "mean":  # the host count when known, else counted on the device: no sync
+            n_valid = opts.num_valid
+            count = (labels != opts.ignore_index).sum().float() if n_valid is None else float(n_valid)
+            loss = loss / count
         if any(needs):
             # The inputs are saved as given (a non-contiguous hidden is copied again in the backward rather
             # than held in between); the plan is reused so the recomputed z is the forward's, bit for bit.
-            ctx.save_for_backward(hidden, weight, bias, labels, m, log_s, count)
-            ctx.opts, ctx.steps, ctx.plan, ctx.needs = opts, steps, plan, needs
+            ctx.save_for_backward(hidden, weight, bias, labels, m, log_s)
+            ctx.opts, ctx.steps, ctx.plan, ctx.needs, ctx.count = opts, steps, plan, needs, count
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels, m, log_s, count = ctx.saved_tensors
-        opts = ctx.opts
+        hidden, weight, bias, labels, m, log_s = ctx.saved_tensors
+        opts, count = ctx.opts, ctx.count
         scale = grad_out.float().expand(labels.shape[0])  # "none": already per row
-        if count is not None:
-            scale = scale / count.clamp(min=1.0)  # no counted token: loss NaN, gradients 0 (as PyTorch)
+        if count is not None:  # no counted token: loss NaN, gradients 0 (as PyTorch)
+            scale = scale / (max(count, 1.0) if isinstance(count, float) else count.clamp(min=1.0))
         scale = torch.where(labels != opts.ignore_index, scale, 0.0)  # no host sync anywhere
         bias_c = None if bias is None else bias.contiguous()
         dx, dw, db = backward_pass(
