@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import common
-from engine.metrics import peak_bf16
+from benchmarks.long_ce_report import GOAL_SHAPES, GOAL_TOKENS, plot, write_report
 from engine.models import FLAVOURS as FLAVOUR_ARGS
 from kernels import linear_cross_entropy, naive_linear_cross_entropy
 
@@ -59,13 +57,20 @@ SHAPES = {  # name: (hidden, vocab)
     "cpu-goal": (512, 32768),  # the CPU goal of the issue
     "toy": (32, 1024),
 }
-GOAL_SHAPES, GOAL_TOKENS = ("qwen2-7b", "glm4-9b"), 28672
 MODES = ("fwd", "fwd+bwd")
-# (shapes, tokens, inputs, ignored fractions, modes) per run kind
+# Per run kind: shapes, tokens, inputs, ignored fractions, modes, providers (None: all).  The quick mode
+# leaves out torch_lce (available with --providers), which takes ~10x the twin's time on CPU.
 DEFAULTS = {
-    "gpu": (GOAL_SHAPES, (GOAL_TOKENS,), ("normal", "peaked"), (0.0, 0.1, 0.5), ("fwd+bwd",)),
-    "quick": (("cpu-goal",), (4096,), ("normal",), (0.1,), MODES),
-    "smoke": (("toy",), (256,), ("normal", "peaked"), (0.1,), MODES),
+    "gpu": (GOAL_SHAPES, (GOAL_TOKENS,), ("normal", "peaked"), (0.0, 0.1, 0.5), ("fwd+bwd",), None),
+    "quick": (
+        ("cpu-goal",),
+        (4096,),
+        ("normal",),
+        (0.1,),
+        MODES,
+        ("ours", "ours_recompute", "torch", "torch_compile"),
+    ),
+    "smoke": (("toy",), (256,), ("normal", "peaked"), (0.1,), MODES, ("torch", "ours")),
 }
 
 
@@ -198,8 +203,8 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(provs, case, dtype, device, args, env, budget_s) -> list[dict]:
-    name, n, ignore, inputs = case
+def run_case(provs, case, device, args, env, budget_s) -> list[dict]:
+    name, n, ignore, inputs, dtype = case
     h, v = SHAPES[name]
     shape = f"{name}:N={n},H={h},V={v},{str(dtype).removeprefix('torch.')},inputs={inputs},ignore={ignore}"
     hidden, weight, labels, n_valid = make_inputs(n, h, v, dtype, device, inputs, ignore)
@@ -283,22 +288,30 @@ def run_case(provs, case, dtype, device, args, env, budget_s) -> list[dict]:
 
 def run(args) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     kind = "smoke" if args.smoke else ("quick" if args.quick or device.type != "cuda" else "gpu")
-    shapes, tokens, inputs, ignores, modes = DEFAULTS[kind]
-    shapes, tokens = args.shapes or shapes, args.tokens or tokens
+    shapes, tokens, inputs, ignores, modes, names = DEFAULTS[kind]
+    shapes, tokens, names = args.shapes or shapes, args.tokens or tokens, args.providers or names
     inputs, ignores = args.inputs or inputs, args.ignore if args.ignore is not None else ignores
     args.modes = args.modes or list(modes)
     if device.type == "cuda":
         args.warmup = max(3, args.warmup)  # cuBLAS heuristics, Triton autotuning, allocator warm-up
     env = common.environment(device, (*common.DEFAULT_PACKAGES, "quack"))
-    names = args.providers or (["torch", "ours"] if args.smoke else None)
     table = [p for p in providers(device, args.chunk_rows) if names is None or p.name in names]
     provs = [p for p in table if p.fn is not None]
     missing = {p.name: p.why for p in table if p.fn is None}
     for name, why in missing.items():
         print(f"{name:15s} unavailable: {why}")
-    cases = [(s, n, ig, inp) for ig in ignores for inp in inputs for n in tokens for s in shapes]
+    dtypes = args.dtype or ["bfloat16" if device.type == "cuda" else "float32"]
+    if kind == "quick" and not args.dtype and any(p.name == "ours_recompute" for p in provs):
+        dtypes.append("bfloat16")  # the CPU goal of the recompute mode is in bf16
+    cases = [
+        (s, n, ig, inp, getattr(torch, dt))
+        for dt in dtypes
+        for ig in ignores
+        for inp in inputs
+        for n in tokens
+        for s in shapes
+    ]
     t0, rows, skipped = time.perf_counter(), [], []
     for i, case in enumerate(cases):
         box = None
@@ -309,209 +322,19 @@ def run(args) -> Path:
                 print(f"budget of {args.budget_s:.0f} s spent: {len(cases) - i} case(s) SKIPPED")
                 break
             box = left / (len(cases) - i)
-        rows += run_case(provs, case, dtype, device, args, env, box)
+        rows += run_case(provs, case, device, args, env, box)
         _free(device)
     out_dir = Path(args.out_dir)
     csv_path = out_dir / "long_ce.csv"
     common.append_rows(csv_path, rows)
     tag = f"{common.device_slug(device)}_{env['date'][:10]}"  # the UTC date every row carries
     plot_path = out_dir / f"long_ce_{tag}.png"
-    _plot(rows, plot_path)
+    plot(rows, plot_path)
     report = out_dir / f"long_ce_{tag}.md"
     kinds = {p.name: p.kind for p in table}
-    _report(rows, env, device, report, plot_path, csv_path, args.argv, kinds, missing, skipped)
+    write_report(rows, env, device, report, plot_path, csv_path, args.argv, kinds, missing, skipped)
     print(f"rows -> {csv_path}\nplot -> {plot_path}\nreport -> {report}")
     return report
-
-
-def _index(rows: list[dict]) -> dict:
-    return {(r["provider"], r["mode"], r["metric"], r["shape"]): r["p50"] for r in rows}
-
-
-def _field(shape: str, key: str) -> str:
-    return shape.split(f"{key}=")[1].split(",")[0]
-
-
-def _verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
-
-
-def _goal_lines(rows: list[dict], device: torch.device, missing: dict[str, str]) -> list[str]:
-    get = _index(rows)
-    shapes = sorted({r["shape"] for r in rows if r["metric"] == "time"})
-    out = []
-    err = lambda p, s: [get.get((p, "fwd+bwd", k, s)) for k in ("err_loss", "err_dx", "err_dw")]
-    for s in shapes:  # informational: ours against the full-logits path
-        t, m = get.get(("ours", "fwd+bwd", "time", s)), get.get(("ours", "fwd+bwd", "peak_memory", s))
-        bt, bm = get.get(("torch", "fwd+bwd", "time", s)), get.get(("torch", "fwd+bwd", "peak_memory", s))
-        if None not in (t, m, bt, bm):
-            out.append(
-                f"- {s}: ours {t / bt:.2f}x the time and {100 * m / max(bm, 1e-9):.1f}% the peak memory of torch"
-            )
-    if device.type != "cuda":
-        goal = next((s for s in shapes if s.startswith("cpu-goal:N=4096,") and ",float32," in s), None)
-        m, bm = (get.get((p, "fwd+bwd", "peak_memory", goal)) for p in ("ours", "torch"))
-        if None not in (m, bm):
-            out.append(
-                f"- CPU goal (N=4096, H=512, V=32768 fp32, fwd+bwd): speed-mode twin peak {m:.0f} MiB = "
-                f"{100 * m / bm:.1f}% of the naive path's {bm:.0f} MiB (goal <= 10%): {_verdict(m <= 0.1 * bm)}"
-            )
-        else:
-            out.append(
-                "- CPU speed-mode memory goal: NOT MEASURED (needs cpu-goal N=4096 fp32 with ours and torch)"
-            )
-        bf16 = next((s for s in shapes if s.startswith("cpu-goal:N=4096,") and ",bfloat16," in s), None)
-        mr = get.get(("ours_recompute", "fwd+bwd", "peak_memory", bf16))
-        if mr is not None:
-            budget = (4096 * 512 + 32768 * 512) * 2 / 2**20 + 160
-            out.append(
-                f"- CPU recompute goal (bf16): peak {mr:.0f} MiB vs dX + dW + 160 MiB = {budget:.0f} MiB: "
-                f"{_verdict(mr <= budget)}"
-            )
-        else:
-            why = missing.get("ours_recompute", "no bf16 cpu-goal case in this run")
-            out.append(f"- CPU recompute goal (bf16, <= dX + dW + 160 MiB): NOT MEASURED ({why})")
-        out.append(
-            "- GPU goals (>= 75% of dense bf16 peak, faster than Liger fp32 and CCE without filter at "
-            "equal or better error, recompute <= dX + dW + 256 MiB): NOT MEASURED, no GPU in this run"
-        )
-        return out
-    gpu = torch.cuda.get_device_name()
-    peak = (peak_bf16(gpu) or float("nan")) / 1e12
-    goal = [
-        s for s in shapes if s.split(":")[0] in GOAL_SHAPES and f"N={GOAL_TOKENS}," in s and "bfloat16" in s
-    ]
-    if not goal:
-        out.append(
-            f"- GPU goals: NOT MEASURED (no {'/'.join(GOAL_SHAPES)} N={GOAL_TOKENS} bf16 case in this run)"
-        )
-    for s in goal:
-        n, h, v = (int(_field(s, k)) for k in ("N", "H", "V"))
-        tf, tfv = (get.get(("ours", "fwd+bwd", k, s)) for k in ("throughput", "throughput_valid"))
-        t = get.get(("ours", "fwd+bwd", "time", s))
-        if tf is None:
-            out.append(f"- {s}: ours NOT MEASURED")
-            continue
-        line = f"- {s}: ours {tf:.0f} TFLOP/s on 6NHV ({tfv:.0f} on 6 N_valid H V) = {100 * tf / peak:.0f}% of {gpu}'s {peak:.0f}"
-        out.append(
-            line
-            + (
-                f" (goal >= 75%): {_verdict(tf >= 0.75 * peak)}"
-                if float(_field(s, "ignore")) == 0
-                else " (the 75% goal is judged at ignore=0.0)"
-            )
-        )
-        for other in ("liger_fp32", "cce_exact"):
-            ot = get.get((other, "fwd+bwd", "time", s))
-            if ot is None:
-                out.append(f"- {s}: ours vs {other}: NOT MEASURED ({missing.get(other, 'not timed')})")
-                continue
-            ours_e, other_e = err("ours", s), err(other, s)
-            ok_err = all(o <= 1.1 * x + 1e-6 for o, x in zip(ours_e, other_e) if None not in (o, x))
-            out.append(
-                f"- {s}: ours {t:.1f} ms vs {other} {ot:.1f} ms ({ot / t:.2f}x), errors (loss, dX, dW) "
-                f"{_fmt(ours_e)} vs {_fmt(other_e)} (ours <= 1.1x theirs): {_verdict(t < ot and ok_err)}"
-            )
-        rt, rm = (get.get(("ours_recompute", "fwd+bwd", k, s)) for k in ("time", "peak_memory"))
-        if rt is None:
-            out.append(f"- {s}: recompute goals NOT MEASURED ({missing.get('ours_recompute', 'not timed')})")
-            continue
-        budget = (n * h + v * h) * 2 / 2**20 + 256
-        ct = get.get(("cce_exact", "fwd+bwd", "time", s))
-        out.append(
-            f"- {s}: recompute peak {rm:.0f} MiB vs dX + dW + 256 MiB = {budget:.0f} MiB: {_verdict(rm <= budget)}; "
-            + (
-                f"{rt:.1f} ms vs cce_exact {ct:.1f} ms: {_verdict(rt < ct)}"
-                if ct
-                else "cce_exact NOT MEASURED"
-            )
-        )
-    return out
-
-
-def _fmt(errs: list) -> str:
-    return "/".join("-" if e is None else f"{e:.1e}" for e in errs)
-
-
-def _report(rows, env, device, path, plot_path, csv_path, argv, kinds, missing, skipped) -> None:
-    cmd = " ".join(["python -m benchmarks.bench_long_ce", *(shlex.quote(a) for a in argv)])
-    get = _index(rows)
-    lines = [
-        f"# long-ce benchmark, {env['device']}, {env['date']}",
-        "",
-        f"Command: `{cmd}`",
-        "",
-        f"Environment: device `{env['device']}`, `{env['versions']}`, git `{env['git_sha']}`, "
-        f"torch threads {torch.get_num_threads()}, load average at the end {os.getloadavg()[0]:.1f} "
-        "(providers are measured round-robin so they see the same load).",
-        "Time: "
-        + ("CUDA events around the call" if device.type == "cuda" else "wall clock")
-        + "; peak memory: "
-        + (
-            "CUDA max_memory_allocated minus memory allocated before the call (the returned gradients included)."
-            if device.type == "cuda"
-            else "RSS high-water mark (VmHWM after /proc/self/clear_refs) minus RSS before the call."
-        ),
-        "Errors: relative to the reference (loss |o - r| / |r|, dX and dW Frobenius), the twin on fp32 copies "
-        "for 16-bit inputs, the fp64 definition for fp32 inputs. TFLOP/s: 6 N H V (2 N H V for fwd) and the "
-        "same with N_valid, the labels that are not ignored.",
-        "",
-        "| case | mode | provider | kind | time p20/p50/p80 (ms) | peak MiB | TFLOP/s 6NHV / 6N_valid HV | "
-        "err loss / dX / dW |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["metric"] != "time":
-            continue
-        key = (r["provider"], r["mode"])
-        e = [get.get(key + (k, r["shape"])) for k in ("err_loss", "err_dx", "err_dw")]
-        lines.append(
-            f"| {r['shape']} | {r['mode']} | {r['provider']} | {kinds.get(r['provider'], '')} | "
-            f"{r['p20']:.1f} / {r['p50']:.1f} / {r['p80']:.1f} | {get[key + ('peak_memory', r['shape'])]:.1f} | "
-            f"{get[key + ('throughput', r['shape'])]:.3f} / {get[key + ('throughput_valid', r['shape'])]:.3f} | "
-            f"{_fmt(e if r['mode'] == 'fwd+bwd' else e[:1])} |"
-        )
-    if missing:
-        lines += ["", "Unavailable here: " + "; ".join(f"`{k}` ({v})" for k, v in missing.items()) + "."]
-    if skipped:
-        lines += ["", "Skipped (--budget_s spent): " + ", ".join(map(str, skipped)) + "."]
-    lines += [
-        "",
-        "## Goals",
-        "",
-        *_goal_lines(rows, device, missing),
-        "",
-        f"Plot: `{plot_path.name}`; rows: `{csv_path}`.",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    """p50 time and peak memory per provider, one row of bar charts per case and mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys((r["shape"], r["mode"]) for r in rows if r["metric"] == "time")) or [
-        ("none", "")
-    ]
-    fig, axes = plt.subplots(len(keys), 2, figsize=(12, 2.2 + 1.6 * len(keys)), squeeze=False)
-    for i, (shape, mode) in enumerate(keys):
-        for j, (metric, unit) in enumerate((("time", "ms"), ("peak_memory", "MiB"))):
-            pts = [
-                (r["provider"], r["p50"])
-                for r in rows
-                if (r["shape"], r["mode"], r["metric"]) == (shape, mode, metric)
-            ]
-            ax = axes[i][j]
-            ax.barh([p for p, _ in pts], [x for _, x in pts])
-            ax.set_xlabel(f"{metric} p50 ({unit})")
-            ax.set_title(f"{shape} {mode}", fontsize=7)
-            ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -520,7 +343,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--smoke", action="store_true", help="toy shape, one rep (for tests)")
     p.add_argument("--device", default=None)
     p.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)"
+        "--dtype", nargs="*", default=None, help="bfloat16 / float16 / float32 (default: bf16 on CUDA)"
     )
     p.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), default=None)
     p.add_argument("--tokens", type=int, nargs="*", default=None, help="token counts N")

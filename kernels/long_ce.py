@@ -44,64 +44,25 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_z(row_ptr, bias_ptr, cols, softcap, V: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS, HAS_SOFTCAP):
-    """Logits of one block in fp32 (+bias, softcapped) and their tanh; lanes past V are -inf (MASKED)."""
-    mask = cols < V if MASKED else None
-    other = 0.0 if MASKED else None
-    z = tl.load(row_ptr + cols, mask=mask, other=other).to(tl.float32)
+def _load_z(row_ptr, bias_ptr, cols, softcap, V, V_PAD, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Logits of one block in fp32 (+bias, softcapped), -inf past V, and their tanh.
+
+    The row is read up to V_PAD (a multiple of 16 on CUDA: the chunk buffer's padded row), so the loads are
+    16-byte vectors whatever V is; the lanes in [V, V_PAD) hold scratch and are masked here, in registers.
+    """
+    z = tl.load(row_ptr + cols, mask=cols < V_PAD, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=mask, other=other).to(tl.float32)
+        z += tl.load(bias_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
     t = z
     if HAS_SOFTCAP:
         t = _tanh(z / softcap)
         z = softcap * t
-    if MASKED:
-        z = tl.where(mask, z, float("-inf"))
-    return z, t
-
-
-@triton.jit
-def _stats_block(row_ptr, bias_ptr, cols, label, m, s, z_sum, z_y, softcap, V, MASKED, HAS_BIAS, HAS_SOFTCAP):
-    """One block of pass 1: online log-sum-exp (m, s), sum of z and z[label], all fp32."""
-    z, _ = _load_z(row_ptr, bias_ptr, cols, softcap, V, MASKED, HAS_BIAS, HAS_SOFTCAP)
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-    z_sum += tl.sum(tl.where(cols < V, z, 0.0), axis=0) if MASKED else tl.sum(z, axis=0)
-    z_y += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
-    return m_new, s, z_sum, z_y
-
-
-@triton.jit
-def _grad_block(
-    row_ptr,
-    bias_ptr,
-    cols,
-    label,
-    m,
-    log_s,
-    coef,
-    scale,
-    label_smoothing,
-    softcap,
-    V,
-    MASKED,
-    HAS_BIAS,
-    HAS_SOFTCAP,
-):
-    """One block of pass 2: dlogits = scale * [p (1 + 2 zl lse) - eps / V - (1 - eps) 1{j = y}] * (1 - t^2),
-    in fp32, rounded once on the in-place store (p_y - 1 survives on confident rows)."""
-    z, t = _load_z(row_ptr, bias_ptr, cols, softcap, V, MASKED, HAS_BIAS, HAS_SOFTCAP)
-    g = tl.exp((z - m) - log_s) * coef - label_smoothing / V  # p_j, formed around m (see the caller)
-    g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
-    if HAS_SOFTCAP:
-        g = g * (1.0 - t * t)
-    mask = cols < V if MASKED else None
-    tl.store(row_ptr + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=mask)
+    return tl.where(cols < V, z, float("-inf")), t
 
 
 @triton.jit
 def _rows_kernel(
-    logits_ptr,  # [C, V] chunk buffer, input dtype; overwritten with dlogits when WRITE_GRAD
+    logits_ptr,  # [C, V] chunk buffer (rows V_PAD wide), input dtype; overwritten with dlogits if WRITE_GRAD
     stride_row,
     bias_ptr,  # [V] or dummy
     labels_ptr,  # [C] int64 / int32
@@ -112,35 +73,32 @@ def _rows_kernel(
     label_smoothing,
     z_loss,
     softcap,
-    V: tl.constexpr,  # compile-time trip counts and mask bound: one compile per vocabulary size
+    V: tl.constexpr,  # compile-time trip counts and masks: one compile per vocabulary size
+    V_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # Full blocks load unmasked (16-byte vectors whatever V is); one masked tail block when BLOCK_V ∤ V.
-    V_FULL: tl.constexpr = V - V % BLOCK_V
     row = tl.program_id(0).to(tl.int64)
     while row < C:  # persistent: the grid holds as many rows in flight as fit in half of L2
         row_ptr = logits_ptr + row * stride_row  # int64 offset: row * V passes 2^31 at large N * V
         label = tl.load(labels_ptr + row).to(tl.int64)
         if label != ignore_index:
-            # Pass 1 (HBM read).
+            # Pass 1 (HBM read): online log-sum-exp, sum of z (label smoothing) and z[label], all fp32.
             m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
             s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
             z_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
             z_y = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-            for start in range(0, V_FULL, BLOCK_V):
+            for start in range(0, V_PAD, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
-                m, s, z_sum, z_y = _stats_block(
-                    row_ptr, bias_ptr, cols, label, m, s, z_sum, z_y, softcap, V, False, HAS_BIAS, HAS_SOFTCAP
-                )
-            if V_FULL < V:
-                cols = V_FULL + tl.arange(0, BLOCK_V)
-                m, s, z_sum, z_y = _stats_block(
-                    row_ptr, bias_ptr, cols, label, m, s, z_sum, z_y, softcap, V, True, HAS_BIAS, HAS_SOFTCAP
-                )
+                z, _ = _load_z(row_ptr, bias_ptr, cols, softcap, V, V_PAD, HAS_BIAS, HAS_SOFTCAP)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+                z_sum += tl.sum(tl.where(cols < V, z, 0.0), axis=0)
+                z_y += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
             # Keep log(s) apart from the max m: lse = m + log(s) rounds to ulp(|m|) (~2e-6 at logits ~30),
             # which would swamp 1 - p_y on confident rows; z - m and m - z_y stay exact-ish.
             log_s = tl.log(s)
@@ -154,54 +112,27 @@ def _rows_kernel(
             in_range = (label >= 0) & (label < V)
             tl.store(loss_ptr + row, tl.where(in_range, loss, float("nan")))  # bad label: poison, no OOB
             if WRITE_GRAD:
-                # Pass 2: the row was read moments ago and is still in L2; one HBM write.
+                # Pass 2 (the row is still in L2; one HBM write): dlogits = scale * [p (1 + 2 zl lse)
+                # - eps / V - (1 - eps) 1{j = y}] * (1 - t^2), in fp32, rounded once on the in-place store.
                 scale = 1.0
                 if HAS_SCALE:
                     scale = tl.load(scale_ptr + row).to(tl.float32)
                 coef = 1.0 + 2.0 * z_loss * lse
-                for start in range(0, V_FULL, BLOCK_V):
+                for start in range(0, V_PAD, BLOCK_V):
                     cols = start + tl.arange(0, BLOCK_V)
-                    _grad_block(
-                        row_ptr,
-                        bias_ptr,
-                        cols,
-                        label,
-                        m,
-                        log_s,
-                        coef,
-                        scale,
-                        label_smoothing,
-                        softcap,
-                        V,
-                        False,
-                        HAS_BIAS,
-                        HAS_SOFTCAP,
-                    )
-                if V_FULL < V:
-                    cols = V_FULL + tl.arange(0, BLOCK_V)
-                    _grad_block(
-                        row_ptr,
-                        bias_ptr,
-                        cols,
-                        label,
-                        m,
-                        log_s,
-                        coef,
-                        scale,
-                        label_smoothing,
-                        softcap,
-                        V,
-                        True,
-                        HAS_BIAS,
-                        HAS_SOFTCAP,
-                    )
+                    z, t = _load_z(row_ptr, bias_ptr, cols, softcap, V, V_PAD, HAS_BIAS, HAS_SOFTCAP)
+                    g = tl.exp((z - m) - log_s) * coef - label_smoothing / V  # p_j, formed around m
+                    g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
+                    if HAS_SOFTCAP:
+                        g = g * (1.0 - t * t)
+                    tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=cols < V_PAD)
         else:  # only reached when the driver could not compact the rows (count unknown on the host)
             tl.store(loss_ptr + row, 0.0)
             if WRITE_GRAD:
                 zero = tl.zeros([BLOCK_V], tl.float32).to(logits_ptr.dtype.element_ty)
-                for start in range(0, V, BLOCK_V):
+                for start in range(0, V_PAD, BLOCK_V):
                     cols = start + tl.arange(0, BLOCK_V)
-                    tl.store(row_ptr + cols, zero, mask=cols < V)
+                    tl.store(row_ptr + cols, zero, mask=cols < V_PAD)
         row += tl.num_programs(0)
 
 
@@ -303,7 +234,10 @@ def rows_launch(
     """The `_rows_kernel` launch for one chunk (tests compile exactly this; see kernels/launch.py)."""
     C, V = logits.shape
     assert logits.stride(1) == 1 and loss_out.is_contiguous()
-    block_v = 64 if _INTERPRET else min(ROWS_BLOCK_V, triton.next_power_of_2(V))
+    # The driver pads its buffer's rows to a multiple of 16 elements; the kernel reads and overwrites that
+    # padding (scratch), so rows stay 16-byte vectors for any V.  Any other stride: exactly V columns.
+    v_pad = logits.stride(0) if 0 <= logits.stride(0) - V < 16 else V
+    block_v = 64 if _INTERPRET else min(ROWS_BLOCK_V, triton.next_power_of_2(v_pad))
     args = (
         logits,
         logits.stride(0),
@@ -319,6 +253,7 @@ def rows_launch(
     )
     kwargs = dict(
         V=V,
+        V_PAD=v_pad,
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None,
         HAS_SCALE=row_scale is not None,

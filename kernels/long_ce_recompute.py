@@ -10,8 +10,8 @@ per logit in each GEMM around them, so ~1-3% of the GEMM time at H = 3584 by ari
     _grad_kernel   the backward: overwrites z with g = scale * d loss / d z in fp32, one rounding on the store
 
 The block width C is a constexpr (two values per run: the chunk's and the vocabulary's last): it bounds the
-column loop (Triton 3.6's interpreter cannot iterate to a runtime integer) and the loads are unmasked when
-BLOCK_V divides it.  The per-block math is the speed mode's (`_load_z`, `_stats_block` of long_ce.py).
+column loop (Triton 3.6's interpreter cannot iterate to a runtime integer), and with C a multiple of 16 the
+masked loads and stores are still 16-byte vectors.  Logits are loaded by the speed mode's `_load_z`.
 Offsets are int64 (row * stride passes 2^31 for large blocks).
 """
 
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch
-from .long_ce import _INTERPRET, _check_device, _load_z, _stats_block, matmul_f32_triton
+from .long_ce import _INTERPRET, _check_device, _load_z, matmul_f32_triton
 from .long_ce_recompute_chunked import RecomputeSteps
 from .long_ce_ref import LongCEOptions
 
@@ -50,7 +50,6 @@ def _stats_kernel(
     HAS_SOFTCAP: tl.constexpr,
     SMOOTH: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    MASKED: tl.constexpr,  # C % BLOCK_V != 0: only then are the loads masked
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_z
@@ -61,9 +60,12 @@ def _stats_kernel(
     z_sum = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
     for start in range(0, C, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        m, s, z_sum, z_y = _stats_block(  # the speed mode's pass 1 on one block (m = -inf at first)
-            row_ptr, bias_ptr, cols, label, m, s, z_sum, z_y, softcap, C, MASKED, HAS_BIAS, HAS_SOFTCAP
-        )
+        z, _ = _load_z(row_ptr, bias_ptr, cols, softcap, C, C, HAS_BIAS, HAS_SOFTCAP)  # -inf past C
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)  # m = -inf at first: 0 * 0
+        m = m_new
+        z_sum += tl.sum(tl.where(cols < C, z, 0.0), axis=0)
+        z_y += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(zy_ptr + row, tl.load(zy_ptr + row) + z_y)
@@ -89,7 +91,6 @@ def _grad_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    MASKED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = z_ptr + row * stride_z
@@ -100,12 +101,12 @@ def _grad_kernel(
     coef = 1.0 + 2.0 * z_loss * (m + log_s)
     for start in range(0, C, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z, t = _load_z(row_ptr, bias_ptr, cols, softcap, C, MASKED, HAS_BIAS, HAS_SOFTCAP)
+        z, t = _load_z(row_ptr, bias_ptr, cols, softcap, C, C, HAS_BIAS, HAS_SOFTCAP)
         g = tl.exp((z - m) - log_s) * coef - eps_over_v  # p formed around m, as in the forward
         g = tl.where(cols == label, g - (1.0 - label_smoothing), g)
         if HAS_SOFTCAP:
             g = g * (1.0 - t * t)
-        tl.store(row_ptr + cols, (g * scale).to(z_ptr.dtype.element_ty), mask=cols < C if MASKED else None)
+        tl.store(row_ptr + cols, (g * scale).to(z_ptr.dtype.element_ty), mask=cols < C)
 
 
 def _blocking(c: int) -> tuple[int, int]:
@@ -139,7 +140,6 @@ def stats_launch(z, bias, labels, v0: int, m, s, z_y, z_sum, opts: LongCEOptions
         HAS_SOFTCAP=opts.softcap is not None,
         SMOOTH=z_sum is not None,
         BLOCK_V=block_v,
-        MASKED=c % block_v != 0,
         num_warps=warps,
     )
     return Launch(_stats_kernel, (r,), args, kwargs)
@@ -169,7 +169,6 @@ def grad_launch(z, bias, labels, v0: int, v: int, m, log_s, scale, opts: LongCEO
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=opts.softcap is not None,
         BLOCK_V=block_v,
-        MASKED=c % block_v != 0,
         num_warps=warps,
     )
     return Launch(_grad_kernel, (r,), args, kwargs)

@@ -82,7 +82,9 @@ def test_triton_interp_equals_twin_and_edge_rows():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rows_kernel_ignored_rows_without_compaction(dtype):
     """The rows kernel on a chunk that still holds ignored rows (a GPU call without a host count): loss 0
-    and a zero gradient row for them, the twin's result for the others; 3 programs walk 11 rows."""
+    and a zero gradient row for them, the twin's result for the others; 3 programs walk 11 rows.  The
+    chunk sits in a buffer whose rows are padded (70 -> 80 columns, as the driver's CUDA buffer) with NaN
+    scratch: the kernel reads the padding in its vectors and must mask it."""
     from kernels.long_ce_ref import LongCEOptions, rows_torch
 
     _, _, labels, bias = make_inputs(11, 4, 70, torch.float32, bias=True, ignore_frac=0.4)
@@ -92,7 +94,8 @@ def test_rows_kernel_ignored_rows_without_compaction(dtype):
     opts = LongCEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
     outs = []
     for fn in (long_ce.rows_triton, rows_torch):
-        buf, loss = logits.clone(), torch.empty(11)
+        buf, loss = torch.full((11, 80), float("nan"), dtype=dtype)[:, :70], torch.empty(11)
+        buf.copy_(logits)
         fn(buf, bias.to(dtype), labels, loss, opts, scale, True)
         outs.append((buf.float(), loss))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)

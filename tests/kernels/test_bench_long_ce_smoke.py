@@ -52,3 +52,42 @@ def test_bench_long_ce_gate_budget_and_unavailable(tmp_path, monkeypatch):
     text = report.read_text()
     assert "`missing` (not installed (test))" in text and "Skipped (--budget_s spent)" in text
     assert "| off_by_1pct | approximate (test) |" in text
+
+
+def test_gpu_goal_lines_on_synthetic_rows(monkeypatch):
+    """The GPU verdicts (they only run on a GPU) on made-up numbers: 80% of an H100's peak at ignore=0 is
+    MET; faster than liger_fp32 at lower error MET; faster than cce_exact but at 2x its dW error NOT MET;
+    the recompute mode unavailable is NOT MEASURED with its reason."""
+    from benchmarks import long_ce_report
+
+    monkeypatch.setattr(long_ce_report.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    env = {"device": "d", "versions": "v", "git_sha": "s", "date": "t"}
+    shape = "qwen2-7b:N=28672,H=3584,V=152064,bfloat16,inputs=normal,ignore=0.0"
+    ms = 93.76e12 / (0.8 * 989e12) * 1e3  # 6 N H V at 80% of 989 TFLOP/s
+    numbers = {
+        "ours": (ms, 4000, [1e-3, 4e-3, 4e-3]),
+        "liger_fp32": (1.2 * ms, 4000, [1e-3, 5e-3, 5e-3]),
+        "cce_exact": (1.5 * ms, 2000, [1e-3, 4e-3, 2e-3]),
+    }
+    rows = []
+    for prov, (t, mem, errs) in numbers.items():
+        rows += [
+            common.row(env, prov, "fwd+bwd", "time", "ms", shape, [t]),
+            common.row(env, prov, "fwd+bwd", "peak_memory", "MiB", shape, [mem]),
+            common.row(env, prov, "fwd+bwd", "throughput", "TFLOP/s", shape, [93.76e12 / t / 1e9]),
+            common.row(env, prov, "fwd+bwd", "throughput_valid", "TFLOP/s", shape, [93.76e12 / t / 1e9]),
+        ]
+        rows += [
+            common.row(env, prov, "fwd+bwd", k, "rel", shape, [e])
+            for k, e in zip(("err_loss", "err_dx", "err_dw"), errs)
+        ]
+    lines = long_ce_report.goal_lines(
+        rows, __import__("torch").device("cuda"), {"ours_recompute": "not merged"}
+    )
+    text = "\n".join(lines)
+    assert "= 80% of NVIDIA H100 80GB HBM3's 989: goal >= 75% MET" in text
+    assert [ln.endswith("MET") and not ln.endswith("NOT MET") for ln in lines if "vs liger_fp32" in ln] == [
+        True
+    ]
+    assert [ln.endswith("NOT MET") for ln in lines if "vs cce_exact" in ln] == [True]
+    assert "recompute goals NOT MEASURED (not merged)" in text

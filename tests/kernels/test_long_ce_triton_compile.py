@@ -1,10 +1,11 @@
-"""The Triton kernels compiled exactly as their launchers specialise them (tests/kernels/triton_compile_lib.py:
-the JIT's own divisibility-16 and unit-stride specialisation, the real block sizes, warps and stages), for
-sm_80 and sm_90 without a GPU, and checked for what the design relies on:
+"""The Triton kernels compiled exactly as their launchers specialise them (triton_compile_lib.py: the JIT's
+own divisibility-16 and unit-stride specialisation, the real block sizes, warps and stages), for sm_80 and
+sm_90 without a GPU, and checked for what the design relies on:
 
-- `_rows_kernel` (memory-bound, no matrix work): 16-byte vector loads and stores (ld/st.global.v4) on the
-  full blocks, whatever V; no local memory (spills); registers <= ROWS_MAX_REGISTERS (128: one 512-thread
-  program per SM owns the register file); a persistent grid whose rows in flight fit in half of L2.
+- `_rows_kernel` (memory-bound, no matrix work): 16-byte vector loads and stores (ld/st.global.v4),
+  whatever V (the driver pads its rows to 16 elements); no local memory (spills); registers <=
+  ROWS_MAX_REGISTERS (128: one 512-thread program per SM owns the register file); a persistent grid whose
+  rows in flight fit in half of L2.
 - `_mm_f32_kernel` (the fallback fp32-output GEMM, in its dW and dX layouts): tensor cores (wgmma on
   sm_90, mma.sync on sm_80), a cp.async software pipeline, no spills, <= 255 registers.
 """
@@ -68,9 +69,9 @@ def test_rows_kernel_as_launched(arch, variant):
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_rows_kernel_vectorises_odd_vocabularies(arch):
-    # V = 32,001: the full blocks still load unmasked 16-byte vectors; only the tail block is scalar.
+    # V = 32,001 in the driver's buffer padded to 32,016 columns: still only 16-byte vectors, no scalar loads.
     k = compile_or_skip(_rows("speed", v=32_001), arch)
-    assert _count(k, r"ld\.global[.\w:]*\.v4\.b32") >= 2
+    assert _count(k, r"ld\.global[.\w:]*\.v4\.b32") >= 2 and _count(k, r"ld\.global\.[^v\n]*b16") == 0
     assert k.local_bytes == 0 and k.stack_bytes == 0 and k.registers <= lc.ROWS_MAX_REGISTERS
 
 
