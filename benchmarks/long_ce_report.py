@@ -178,7 +178,7 @@ def write_report(rows, env, device, path, plot_path, csv_path, argv, kinds, miss
         "",
         *goal_lines(rows, device, missing),
         "",
-        f"Plot: `{plot_path.name}`; rows: `{csv_path}`.",
+        f"Plot: `{plot_path.name}`; rows: `{csv_path.name}` beside this report.",
     ]
     path.write_text("\n".join(lines) + "\n")
 

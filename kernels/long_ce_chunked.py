@@ -104,7 +104,7 @@ class ChunkedResult:
     loss: torch.Tensor  # [n] fp32 per computed row (the rows of `rows`, or all N)
     rows: torch.Tensor | None  # indices of the computed rows in the input, None = all rows in order
     n_valid: int | None  # rows whose label is not ignore_index, when known on the host
-    dx: torch.Tensor | None  # [n, H] fp32 (hidden's dtype if fp32), unscaled
+    dx: torch.Tensor | None  # [n, H] fp32, unscaled
     dw: torch.Tensor | None  # [V, H] fp32, unscaled
     db: torch.Tensor | None  # [V] fp32, unscaled
 
