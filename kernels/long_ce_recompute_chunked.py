@@ -13,7 +13,8 @@ The forward keeps per-row statistics only; the backward recomputes the logits bl
         grad(z)                          in place: g = scale_i * d loss_i / d z, fp32 math, one rounding
         dW_c (+)= g^T @ x_r      [c, H]  r = N: one GEMM writes dW_c in the weight dtype (one rounding);
                                          r < N: an fp32 [c, H] accumulator, rounded once per chunk
-        dX_r += g @ W_c          [r, H]  fp32 accumulator (cuBLAS 16-bit x 16-bit -> fp32, beta = 1)
+        dX_r += g @ W_c          [r, H]  fp32 accumulator (the speed mode's matmul_f32: cuBLAS 16-bit
+                                         x 16-bit -> fp32 with beta = 1, or its fallbacks)
         db_c += g.sum(0)         [c]     fp32
       dX is rounded once at the end, in place in the accumulator's storage (_DxAccumulator).
 

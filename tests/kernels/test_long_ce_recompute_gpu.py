@@ -1,8 +1,9 @@
 """CUDA-only checks of recompute=True (Triton passes, cuBLAS GEMMs) at the shapes it exists for.
 
 Its bf16 accuracy at Qwen2-7B against an fp32 reference is test_long_ce_gpu.py's (parametrized over the mode).
-Peak memory is torch.cuda.max_memory_allocated over forward + backward minus what was allocated before
-(inputs), after one warm-up call (cuBLAS workspace, the out_dtype probe), against dX + dW + 256 MiB.
+Peak memory is benchmarks.common.peak_memory_bytes (torch.cuda.max_memory_allocated over forward + backward
+minus what was allocated before: the inputs), after one warm-up call (cuBLAS workspace, the out_dtype
+probe), against dX + dW + 256 MiB.
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from test_long_ce_gpu import _inputs, _rel, _run  # the speed mode's GPU checks: same inputs and measures
 
 import kernels.long_ce as lc
+from benchmarks import common
 from kernels import linear_cross_entropy
 from kernels.long_ce_ref import fp32_out_matmul_supported
 
@@ -41,12 +43,10 @@ def test_memory_goal(model):
     _run(linear_cross_entropy, *_inputs(256, h, 1024, torch.bfloat16), recompute=True)  # warm-up
     hidden.requires_grad_()
     weight.requires_grad_()
-    torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    linear_cross_entropy(hidden, weight, labels, impl="triton", recompute=True).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = common.peak_memory_bytes(  # as the benchmark measures it
+        lambda: linear_cross_entropy(hidden, weight, labels, impl="triton", recompute=True).backward(), "cuda"
+    )
     dx, dw = n * h * 2, v * h * 2
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
     # After the backward only the two gradients remain: dX rounded in place holds dX bytes, not 2 dX.
