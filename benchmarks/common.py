@@ -165,14 +165,19 @@ def measure_round_robin(
     *,
     warmup: int = 1,
     reps: int = 5,
+    budget_s: float | None = None,
 ) -> dict[str, Measurement]:
     """Measure several (run, setup) cases, interleaved: rep 1 of every case, then rep 2, ...
 
     On a shared machine the load drifts; interleaving gives every case the same drift instead of handing
     one provider a quiet minute and the next a busy one.  A case that raises (e.g. out of memory) is
-    recorded with its error and dropped from the rotation.
+    recorded with its error and dropped from the rotation.  On CUDA the time is CUDA events recorded
+    around `run` on the current stream (setup and the memory bookkeeping stay outside); elsewhere wall
+    clock.  budget_s: no new round of reps starts once this many seconds have passed (the warm-ups and
+    one round always run), so every case keeps the same number of reps.
     """
     out = {name: Measurement() for name in cases}
+    cuda = torch.device(device).type == "cuda"
 
     def once(name: str, record: bool) -> None:
         run, setup = cases[name]
@@ -186,9 +191,16 @@ def measure_round_robin(
         def timed() -> None:
             synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            run()
-            synchronize(device)
-            box.extend([(time.perf_counter() - t0) * 1e3, time.process_time() - c0])
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                box.extend([start.elapsed_time(end), time.process_time() - c0])
+            else:
+                run()
+                box.extend([(time.perf_counter() - t0) * 1e3, time.process_time() - c0])
 
         peak = peak_memory_bytes(timed, device)
         m = out[name]
@@ -196,7 +208,10 @@ def measure_round_robin(
         m.cpu_s.append(box[1])
         m.peaks.append(peak)
 
+    t_start = time.perf_counter()
     for i in range(warmup + reps):
+        if budget_s is not None and i > warmup and time.perf_counter() - t_start > budget_s:
+            break
         for name in cases:
             if out[name].error is not None:
                 continue
@@ -204,7 +219,7 @@ def measure_round_robin(
                 once(name, record=i >= warmup)
             except (torch.OutOfMemoryError, RuntimeError) as e:
                 out[name].error = f"{type(e).__name__}: {str(e)[:200]}"
-                if torch.device(device).type == "cuda":
+                if cuda:
                     torch.cuda.empty_cache()
     return out
 

@@ -4,8 +4,7 @@ read into rows, and the summary markdown (benchmarks/gpu_check.py writes it afte
 Each goal reads long-format rows (benchmarks/common.py) by provider, mode, metric and shape, and is MET, NOT MET,
 or NOT MEASURED with the reason (a row it needs is absent). A kernel goal holds at a flavour when it holds in
 every case measured there (bench_long_ce's input kinds x ignored fractions; the peak share at no ignored labels).
-PROVIDERS lists the bench_long_ce names each role accepts, first found wins (issue 11 renames the providers: both
-the old and the new names are here, once).
+PROVIDERS maps each role to the bench_long_ce provider names it accepts (first found wins).
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from pathlib import Path
 
 KERNEL_SHAPES = ("qwen2-7b", "glm4-9b")  # issue 11's goal shapes, N = 28,672, bf16
 GOAL_TOKENS = 28672
-PROVIDERS = {  # role -> bench_long_ce provider names, first found wins (main's names last)
-    "ours_speed": ("ours", "ours_triton"),
+PROVIDERS = {  # role -> bench_long_ce provider names, first found wins
+    "ours_speed": ("ours",),
     "ours_recompute": ("ours_recompute",),
     "liger_fp32": ("liger_fp32",),
     "cce_exact": ("cce_exact",),

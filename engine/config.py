@@ -29,6 +29,7 @@ class ModelConfig:
     torch_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float32"))
     attn_impl: str = "auto"  # passed to engine.models (auto | flash | sdpa | ...)
     loss_impl: str = field(default="auto", metadata=_choices("auto", "triton", "torch"))
+    loss_recompute: bool = False  # long-ce's exact low-memory mode: 8NHV FLOPs, extra <= dX + dW + 256 MiB
     # chat template: None = the checkpoint's own (chat_template.jinja / tokenizer_config.json), else the
     # built-in of its vocabulary; a name (ms-swift's) replaces it: qwen, qwen2_5, chatml, glm4, llama3, longwriter
     template: str | None = None

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import kernels
+from kernels.long_ce_chunked import CUDA_CHUNK_ROWS
+
 GiB = 1024**3
 
 
@@ -77,7 +80,8 @@ def plan_memory(
     gradient_checkpointing: bool = True,
     checkpoint_every: int = 1,
     fused_loss: bool = True,
-    loss_chunk_bytes: int = 256 * 2**20,  # kernels' default on CUDA
+    loss_chunk_rows: int = CUDA_CHUNK_ROWS,  # kernels' default on CUDA
+    loss_recompute: bool = False,
     reference: str | None = None,
 ) -> MemoryPlan:
     """reference (DPO): None (SFT), "precomputed" (log-probs from one pass before training: nothing resident)
@@ -97,10 +101,16 @@ def plan_memory(
     saved = n_ckpt * t * h * b + (args.num_layers - n_ckpt) * full_block
     saved += 3 * t * h * max(b, 4)  # embedding output (+ NEFTune noise), final norm input/output
     recompute = 2 * full_block if n_ckpt else t * h * b * 2  # one block's activations and their grads
-    if fused_loss:
-        # kernels.linear_cross_entropy: one [C, V] chunk buffer (chunk_bytes), the fp32 dW accumulator [V, H]
-        # and dX [T, H]; its gradients are produced during the forward
-        loss = min(loss_chunk_bytes, t * v * b) + v * h * 4 + t * h * b
+    if fused_loss and loss_recompute:
+        # linear_cross_entropy(recompute=True): dW in the weight dtype, the fp32 dX accumulator [T, H] and
+        # its block buffers (the kernel's own default budget: dX + dW + 256 MiB in all at 16 bits)
+        loss = kernels.recompute_chunk_bytes(t, h, b, "cuda", True) + v * h * b + t * h * 4
+    elif fused_loss:
+        # kernels.linear_cross_entropy (speed mode): gradients made during the forward, kept in fp32 until
+        # the backward casts them.  Peak: the [C, V] chunk + fp32 dW [V, H] + fp32 dX [T, H] in the forward,
+        # or dX + fp32 dW + 16-bit dW during dW's final cast.
+        forward = min(loss_chunk_rows, t) * v * b + v * h * 4 + t * h * 4
+        loss = max(forward, t * h * b + v * h * (4 + b))
     else:
         loss = t * v * (b + 4 + 4)  # logits, fp32 copy, fp32 grad
     return MemoryPlan(
@@ -135,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "--rlhf_type", default=None, choices=("dpo",), help="plan a DPO run (a reference model too)"
     )
     p.add_argument("--precompute_ref_log_probs", action="store_true", help="DPO without a resident reference")
+    p.add_argument("--loss_recompute", action="store_true", help="the fused loss's exact low-memory mode")
     a = p.parse_args(argv)
     args = FLAVOURS[a.model] if a.model in FLAVOURS else read_config(a.model)[0]
     plan = plan_memory(
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         else "precomputed"
         if a.precompute_ref_log_probs
         else "resident",
+        loss_recompute=a.loss_recompute,
     )
     dpo = (
         f", DPO ({'precomputed' if a.precompute_ref_log_probs else 'resident'} reference)"

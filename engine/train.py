@@ -94,7 +94,7 @@ def build_sharded_model(cfg: Config, info: DistInfo, *, source: str | None = Non
     reduction = "none" if cfg.rlhf.rlhf_type or t.loss_name == "sequence" else "sum"
     model.loss_fn = functools.partial(
         kernels.linear_cross_entropy, reduction=reduction, impl=cfg.model.loss_impl, check_labels=False,
-        label_smoothing=t.label_smoothing_factor, z_loss=t.z_loss,
+        label_smoothing=t.label_smoothing_factor, z_loss=t.z_loss, recompute=cfg.model.loss_recompute,
     )  # fmt: skip
     if frozen:
         model.requires_grad_(False)
@@ -292,6 +292,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
         checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
         reference=None if cfg.rlhf.rlhf_type is None else "precomputed" if cfg.rlhf.precompute_ref_log_probs
         else "resident",
+        loss_recompute=cfg.model.loss_recompute,
     )  # fmt: skip
     log.write(
         f"{cfg.model.model}: {model.args.num_params() / 1e6:.1f}M params, world {info.world_size}, "

@@ -1,22 +1,28 @@
 """PyTorch twin of the fused linear + cross-entropy ("long-ce").
 
-Two per-chunk steps, each the plain-PyTorch counterpart of a Triton kernel in `kernels/long_ce.py`:
+Two per-chunk steps, each the plain-PyTorch counterpart of a step of the Triton path in `kernels/long_ce.py`:
 
 * `rows_torch`: logits chunk [C, V] -> per-row loss, and (optionally) d loss / d logits written back
   into the same buffer (so the chunk buffer is the only N x V-shaped memory that ever exists);
-* `accumulate_dw_torch`: dW_acc[V, H] (fp32) += dlogits[C, V]^T @ x[C, H].
+* `matmul_f32_torch`: out[M, N] (fp32) = or += a[M, K] @ b[K, N] with 16-bit or fp32 operands and fp32
+  accumulation, no fp32 copy of a whole operand (dW_acc += dlogits^T @ x and dX_c = dlogits @ W).
 
 The chunked driver that strings them together (shared with the Triton path, so the twin really is
-chunked the same way) lives in `kernels/long_ce_chunked.py`.  `naive_linear_cross_entropy` is the exact
-unchunked definition, used as the fp64 oracle in tests and as the "torch" provider in benchmarks.
+chunked, compacted and accumulated the same way) lives in `kernels/long_ce_chunked.py`.
+`naive_linear_cross_entropy` is the exact unchunked definition, used as the fp64 oracle in tests and as
+the "torch" provider in benchmarks.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -30,8 +36,12 @@ class LongCEOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
-    # Rows per chunk are chosen so that one [C, V] chunk buffer holds at most this many bytes.
-    chunk_bytes: int = 32 * 2**20
+    # Rows per chunk: exactly chunk_rows, or as many as fit in chunk_bytes, or None for the default
+    # (long_ce_chunked.plan_chunk_rows); at most one of the two is set.
+    chunk_rows: int | None = None
+    chunk_bytes: int | None = None
+    # Number of labels != ignore_index when the caller knows it on the host (None: unknown).
+    num_valid: int | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -42,8 +52,13 @@ class LongCEOptions:
             raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
         if self.softcap is not None and not self.softcap > 0.0:
             raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
-        if self.chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        if self.chunk_rows is not None and self.chunk_bytes is not None:
+            raise ValueError("give chunk_rows or chunk_bytes, not both")
+        for key in ("chunk_rows", "chunk_bytes"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_valid is not None and self.num_valid < 0:
+            raise ValueError(f"num_valid must be >= 0, got {self.num_valid}")
 
 
 def naive_linear_cross_entropy(
@@ -143,6 +158,55 @@ def rows_torch(
         logits.copy_(g)  # the one rounding to the buffer dtype
 
 
-def accumulate_dw_torch(dw_acc: torch.Tensor, grad: torch.Tensor, x: torch.Tensor) -> None:
-    """dw_acc[V, H] (fp32) += grad[C, V]^T @ x[C, H], accumulated in fp32."""
-    dw_acc.addmm_(grad.T.float(), x.float())  # .float() of an fp32 tensor is the tensor itself: no copy
+@functools.cache
+def fp32_out_matmul_supported(device: torch.device) -> bool:
+    """Whether torch.mm / torch.addmm take 16-bit operands with `out_dtype=torch.float32` on this device.
+
+    cuBLAS does (bf16 x bf16 -> fp32 accumulate, beta = 1 into the fp32 output in place: no [V, H]
+    temporary); torch >= 2.8 exposes it on CUDA, and torch 2.11 / 2.13 accept an fp32 `self` (the
+    accumulator) there.  CPU builds have the operator but no kernel.  Probed once per device, logged.
+    """
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        ok = bool(acc[0, 0] == 17.0)  # one host sync, once per device
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        log.warning("long-ce: torch %s has no fp32-output addmm on %s (%s)", torch.__version__, device, e)
+        return False
+    log.info("long-ce: 16-bit GEMMs accumulate into fp32 with torch.addmm(out_dtype=float32) on %s", device)
+    return ok
+
+
+# Upcast block of the CPU fallback below: the fp32 copies of the operand blocks stay under this size.
+UPCAST_BLOCK_BYTES = 32 * 2**20
+
+
+def matmul_f32_torch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out[M, N] (fp32) = a @ b, or += a @ b with accumulate; a [M, K], b [K, N] fp32 or 16-bit.
+
+    fp32 operands: torch.mm / addmm into `out`.  16-bit: cuBLAS with fp32 output where the device has it
+    (fp32_out_matmul_supported), else the K dimension in blocks upcast to fp32, so no fp32 copy of a whole
+    operand exists (a whole fp32 copy of the weight would cost as much as the dW accumulator).
+    """
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif fp32_out_matmul_supported(out.device):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        M, K = a.shape
+        step = max(1, UPCAST_BLOCK_BYTES // (4 * (M + b.shape[1])))
+        for k0 in range(0, K, step):
+            a_k, b_k = a[:, k0 : k0 + step].float(), b[k0 : k0 + step].float()
+            if accumulate or k0 > 0:
+                out.addmm_(a_k, b_k)
+            else:
+                torch.mm(a_k, b_k, out=out)

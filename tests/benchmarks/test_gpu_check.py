@@ -58,7 +58,7 @@ def test_dry_run_runs_every_part_and_lists_it_with_a_status(tmp_path):
         rows = list(csv.DictReader(f))
     providers = {r["provider"] for r in rows}
     # rows of every part: the kernel benchmark, the training benchmark, the profiled step, pytest, the steps
-    assert {"ours_torch", "engine", "pytest", "gpu_check"} <= providers
+    assert {"ours_twin", "engine", "pytest", "gpu_check"} <= providers
     assert any(r["mode"] == "profiled step" and r["metric"] == "share_gemm" for r in rows)
     assert {(r["mode"], r["metric"]) for r in rows if r["provider"] == "pytest"} >= {("cpu-subset", "passed")}
     for r in rows:
@@ -148,7 +148,7 @@ def test_goals_are_judged_from_rows():
         return {g["goal"]: g["status"] for g in judge_goals(rows, env)}
 
     # main's provider name and shape format; glm4-9b missing -> not measured; no liger_fp32 rows at all
-    got = judge([_lce("ours_triton", "throughput", 800, "qwen2-7b"), *_train_rows(30000, 19000)])
+    got = judge([_lce("ours", "throughput", 800, "qwen2-7b"), *_train_rows(30000, 19000)])
     assert list(got) == [g.name for g in GOALS]
     assert got["long-ce speed mode near peak"] == NOT_MEASURED
     assert got["long-ce speed mode beats Liger"] == NOT_MEASURED

@@ -73,7 +73,7 @@ def check_against_fp64(
     lost by a low-precision read-modify-write (tests/kernels/test_long_ce_ref.py::test_bf16_trap_is_caught).
     """
     dtype = hidden.dtype
-    ours_kw = {"chunk_bytes": kw.pop("chunk_bytes", None)}
+    ours_kw = {k: kw.pop(k) for k in ("chunk_rows", "chunk_bytes", "num_valid", "recompute") if k in kw}
     up = lambda t: None if t is None else t.double()
     truth = loss_and_grads(
         naive_linear_cross_entropy,

@@ -9,7 +9,8 @@ from long_ce_testlib import check_against_fp64, loss_and_grads, make_inputs
 
 import kernels
 from kernels import LinearCrossEntropy, linear_cross_entropy, naive_linear_cross_entropy
-from kernels.long_ce_chunked import chunk_rows
+from kernels.long_ce_chunked import CUDA_CHUNK_ROWS, compact_rows, plan_chunk_rows
+from kernels.long_ce_ref import LongCEOptions
 
 SHAPES = [(1, 1, 2), (37, 31, 123), (252, 123, 507)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -21,8 +22,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_twin_matches_fp64(shape, dtype, reduction):
     n, h, v = shape
     hidden, weight, labels, _ = make_inputs(n, h, v, dtype, seed=n + v)
-    # A small chunk_bytes forces several chunks (and a ragged last one) at every shape.
-    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction=reduction, chunk_bytes=7 * v * 4)
+    # A small chunk_rows forces several chunks (and a ragged last one) at every shape.
+    check_against_fp64(hidden, weight, labels, None, impl="torch", reduction=reduction, chunk_rows=7)
 
 
 OPTIONS = [
@@ -40,7 +41,7 @@ def test_twin_options(dtype, kw):
     hidden, weight, labels, bias = make_inputs(
         61, 40, 203, dtype, seed=3, bias=True, ignore_index=kw.get("ignore_index", -100)
     )
-    check_against_fp64(hidden, weight, labels, bias, impl="torch", chunk_bytes=16 * 203 * 4, **kw)
+    check_against_fp64(hidden, weight, labels, bias, impl="torch", chunk_rows=16, **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,7 +65,7 @@ def test_bf16_trap_is_caught(dtype, monkeypatch):
             p_y = (logits.gather(1, idx).float() + 1.0).to(logits.dtype)  # p_y rounded first
             logits.scatter_(1, idx, p_y - 1.0)
 
-    monkeypatch.setattr(kernels, "TORCH_STEPS", Steps(rows_with_trap, ref.accumulate_dw_torch))
+    monkeypatch.setattr(kernels, "TORCH_STEPS", Steps(rows_with_trap, ref.matmul_f32_torch))
     hidden, weight, labels, _ = make_inputs(64, 48, 300, dtype, seed=5, peaked=True, ignore_frac=0.0)
     with pytest.raises(AssertionError, match="per-row relative error"):
         check_against_fp64(hidden, weight, labels, None, impl="torch", reduction="sum", rowwise=True)
@@ -87,7 +88,7 @@ def test_non_contiguous_inputs():
     weight_nc = weight.T.contiguous().T  # stride (1, 90)
     labels_nc = torch.stack([labels, labels], 1)[:, 0]
     assert not (hidden_nc.is_contiguous() or weight_nc.is_contiguous() or labels_nc.is_contiguous())
-    check_against_fp64(hidden_nc, weight_nc, labels_nc, bias, impl="torch", chunk_bytes=9 * 90 * 4)
+    check_against_fp64(hidden_nc, weight_nc, labels_nc, bias, impl="torch", chunk_rows=9)
 
 
 @pytest.mark.parametrize("flags", [(h, w, b) for h in (0, 1) for w in (0, 1) for b in (0, 1) if h or w or b])
@@ -96,7 +97,7 @@ def test_every_combination_of_grad_flags(flags, reduction):
     hidden, weight, labels, bias = make_inputs(30, 16, 50, torch.float32, bias=True)
     ours = [t.clone().requires_grad_(bool(f)) for t, f in zip((hidden, weight, bias), flags)]
     ref = [t.clone().requires_grad_(bool(f)) for t, f in zip((hidden, weight, bias), flags)]
-    loss = linear_cross_entropy(*ours[:2], labels, bias=ours[2], reduction=reduction, chunk_bytes=8 * 50 * 4)
+    loss = linear_cross_entropy(*ours[:2], labels, bias=ours[2], reduction=reduction, chunk_rows=8)
     want = naive_linear_cross_entropy(*ref[:2], labels, bias=ref[2], reduction=reduction)
     go = torch.linspace(-2, 3, loss.numel()).view(loss.shape)
     (loss * go).sum().backward()
@@ -182,10 +183,65 @@ def test_module_wrapper():
     )
 
 
-def test_chunk_rows():
-    assert chunk_rows(10, 100, 4, 1) == 1
-    assert chunk_rows(10_000, 1000, 4, 4 * 1000 * 300) == 256  # multiple of 64 once >= 128
-    assert chunk_rows(5, 1000, 4, 10**9) == 5
+def test_plan_chunk_rows():
+    plan = lambda n, v, e, dev, **kw: plan_chunk_rows(n, v, e, dev, LongCEOptions(**kw))
+    assert plan(28_672, 152_064, 2, "cuda") == CUDA_CHUNK_ROWS == 3584  # 8 chunks at the Qwen2-7B shape
+    assert plan(20_000, 152_064, 2, "cuda") == 3456  # 6 even chunks (3334 -> 3456), not 5 x 3584 + 2080
+    assert plan(1000, 152_064, 2, "cuda") == 1000  # one chunk of every row
+    assert plan(3, 100, 4, "cpu") == 3 and plan(0, 100, 4, "cpu") == 1
+    assert plan(10_000, 1000, 4, "cpu", chunk_bytes=4 * 1000 * 300) == 256  # 300 -> 256, 40 x 250 -> 256
+    assert plan(10_000, 1000, 4, "cpu", chunk_bytes=1) == 1
+    assert plan(10_000, 1000, 4, "cuda", chunk_rows=77) == 77  # the override is exact
+    assert plan(4096, 32_768, 4, "cpu") == 512  # CPU: 64 MiB of fp32 rows
+    for n in (1, 127, 128, 129, 3585, 28_672, 99_999):
+        c = plan(n, 152_064, 2, "cuda")
+        assert c <= min(n, 3584) and (c % 128 == 0 or c == n), (n, c)
+        assert -(-n // c) == -(-n // 3584), (n, c)  # as few chunks as the target allows
+    with pytest.raises(ValueError, match="not both"):
+        LongCEOptions(chunk_rows=1, chunk_bytes=1)
+
+
+def test_compact_rows():
+    labels = torch.tensor([3, -100, 5, -100, -100, 7])
+    rows, n = compact_rows(labels, LongCEOptions())
+    assert n == 3 and rows.tolist() == [0, 2, 5]  # valid rows first, in order
+    assert compact_rows(labels.clamp(min=0), LongCEOptions()) == (None, 6)
+    meta = labels.to("meta")  # a device where the count is not free: no compaction without num_valid
+    assert compact_rows(meta, LongCEOptions()) == (None, None)
+    rows, n = compact_rows(meta, LongCEOptions(num_valid=3))
+    assert n == 3 and rows.shape == (3,)
+
+
+def test_ignored_rows_are_skipped(monkeypatch):
+    """Only the valid rows reach the chunk kernels, whatever the chunking (the work is 6 N_valid H V)."""
+    import kernels.long_ce_chunked as chunked
+
+    seen = []
+    real = kernels.TORCH_STEPS
+
+    def rows(logits, bias, labels, *a):
+        seen.append(labels.clone())
+        real.rows(logits, bias, labels, *a)
+
+    monkeypatch.setattr(kernels, "TORCH_STEPS", chunked.Steps(rows, real.matmul_f32))
+    hidden, weight, labels, _ = make_inputs(50, 8, 40, torch.float32, ignore_frac=0.5)
+    n_valid = int((labels != -100).sum())
+    loss = loss_and_grads(linear_cross_entropy, hidden, weight, labels, None, 1.5, chunk_rows=7)
+    ref = loss_and_grads(naive_linear_cross_entropy, hidden, weight, labels, None, 1.5)
+    for a, b in zip(loss, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    got = torch.cat(seen)
+    assert (
+        got.numel() == n_valid
+        and (got != -100).all()
+        and [len(t) for t in seen][:-1] == [7] * (len(seen) - 1)
+    )
+    # A host count given by the caller is checked against the labels (check_labels) and used as is.
+    with pytest.raises(ValueError, match="num_valid"):
+        linear_cross_entropy(hidden, weight, labels, num_valid=n_valid + 1)
+    torch.testing.assert_close(
+        linear_cross_entropy(hidden, weight, labels, num_valid=n_valid, check_labels=False), ref[0].float()
+    )
 
 
 def test_import_does_not_need_triton():
@@ -197,19 +253,28 @@ def test_import_does_not_need_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weight_gradient_is_rounded_once(dtype):
     # The trainer back-propagates loss_sum / n_tokens: grad_output != 1. The fp32 accumulator is scaled
-    # before its single rounding to the weight's dtype (rounding, then scaling in 16 bits, rounds twice).
+    # before its single rounding to the weight's dtype (rounding, then scaling in 16 bits, rounds twice);
+    # the same for dX, which is kept in fp32 too.
     from kernels.long_ce_chunked import TORCH_STEPS, chunked_pass
-    from kernels.long_ce_ref import LongCEOptions
 
     torch.manual_seed(0)
-    hidden = torch.randn(96, 48).to(dtype)
+    hidden = torch.randn(96, 48).to(dtype).requires_grad_()
     weight = (torch.randn(300, 48) / 4).to(dtype).requires_grad_()
     labels = torch.randint(0, 300, (96,))
     (linear_cross_entropy(hidden, weight, labels, impl="torch") / 7.0).backward()
-    opts = LongCEOptions(chunk_bytes=64 * 2**20)
-    _, _, dw_acc, _ = chunked_pass(
-        hidden, weight.detach(), None, labels, opts, TORCH_STEPS, need_dx=False, need_dw=True, need_db=False
+    res = chunked_pass(
+        hidden.detach(),
+        weight.detach(),
+        None,
+        labels,
+        LongCEOptions(),
+        TORCH_STEPS,
+        need_dx=True,
+        need_dw=True,
+        need_db=False,
     )
-    assert torch.equal(weight.grad, (dw_acc * (1.0 / 7.0)).to(dtype))
-    twice = dw_acc.to(dtype) * (1.0 / 7.0)  # what a 16-bit read-modify-write would give
-    assert not torch.equal(weight.grad, twice)
+    for grad, acc in ((weight.grad, res.dw), (hidden.grad, res.dx)):
+        assert acc.dtype == torch.float32
+        assert torch.equal(grad, (acc * (1.0 / 7.0)).to(dtype))
+        twice = acc.to(dtype) * (1.0 / 7.0)  # what a 16-bit read-modify-write would give
+        assert not torch.equal(grad, twice)

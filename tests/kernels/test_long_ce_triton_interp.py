@@ -1,4 +1,5 @@
-"""Runs long_ce_interp_cases.py (the Triton kernels under the CPU interpreter) in a subprocess."""
+"""Runs long_ce_interp_cases.py and long_ce_recompute_interp_cases.py (the Triton kernels under the CPU
+interpreter) in a subprocess."""
 
 import os
 import subprocess
@@ -22,7 +23,8 @@ def test_triton_kernels_under_interpreter(marks):
         "-m",
         marks,
         str(here / "long_ce_interp_cases.py"),
+        str(here / "long_ce_recompute_interp_cases.py"),
     ]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=here.parent.parent)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=here.parent.parent)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]

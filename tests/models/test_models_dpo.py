@@ -74,7 +74,9 @@ def test_packed_log_probs_equal_transformers(case):
     with torch.no_grad():
         got = document_log_probs(model, to_device(mb, "cpu"), tok_doc, len(doc_targets))
     docs = [d for p in pairs for d in p]
-    if "dynamic" in case:  # transformers' dynamic rope keeps the longest length it has seen: a fresh model per doc
+    if (
+        "dynamic" in case
+    ):  # transformers' dynamic rope keeps the longest length it has seen: a fresh model per doc
         want = torch.cat([hf_logps(hf_model(case), [d]) for d in docs])
     else:
         want = hf_logps(hf, docs)

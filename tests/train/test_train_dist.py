@@ -86,8 +86,11 @@ def test_dpo_world_size_invariance(tmp_path):
     assert len(s1) == len(s2) == 4 and s1[0]["loss"] == pytest.approx(math.log(2), abs=1e-12)
     for a, b in zip(s1, s2):
         assert a["pairs"] == b["pairs"] and a["num_tokens"] == b["num_tokens"]
-        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm"):
+        for k in ("loss", "rewards/accuracies", "logps/chosen", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["step"], k)
+        # a margin is beta x a difference of log-probs ~1e2: judge it on that scale (fp32 sums of another
+        # order after two updates move it by ~1e-7)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6), a["step"]
     assert all(r["grad_norm"] > 0.5 for r in s1)  # clipping was exercised
     w1, w2 = load_final(one), load_final(two)
     for k in w1:

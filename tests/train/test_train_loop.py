@@ -119,6 +119,19 @@ def test_loss_falls_and_metrics_lines(baseline):
     assert [r["step"] for r in evals] == [2, 4] and all(0 < r["eval_loss"] < 10 for r in evals)
 
 
+def test_loss_recompute_flag_reaches_the_kernel_and_trains_alike(data, baseline, tmp_path, monkeypatch):
+    """--loss_recompute true: every micro-batch runs long-ce's exact low-memory mode, and (fp32, both modes
+    exact) the run follows the baseline's losses."""
+    import kernels.long_ce_recompute_chunked as rc
+
+    calls, real = [], rc.forward_pass
+    monkeypatch.setattr(rc, "forward_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_inprocess(args(data, tmp_path, loss_recompute="true"))
+    assert len(calls) >= 16  # 4 steps x 4 micro-batches (+ evaluation)
+    for a, b in zip(train_steps(baseline[0]), train_steps(tmp_path), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
 def test_resume_only_model_restarts_schedule(data, baseline, tmp_path):
     """--resume_only_model (the annealing stage): weights of checkpoint-4, a fresh step count and schedule."""
     out_a, a = baseline

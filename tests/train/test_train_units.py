@@ -347,6 +347,10 @@ def test_memory_plan_qwen2_7b_on_4_a100():
     assert f"{ac.gib()['total']:.2f} GiB" in (REPO / "examples/longwriter_qwen2_7b.yaml").read_text()
     torch_loss = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, fused_loss=False)
     assert torch_loss.loss > 30 * 2**30  # 28672 x 152064 logits in bf16 + fp32 copies
+    # long-ce's recompute mode: dW (bf16) + dX + at most 256 MiB (engine.memory --loss_recompute)
+    low = plan_memory(args, world_size=4, tokens_per_micro_batch=28672, loss_recompute=True)
+    dx, dw = 28672 * args.hidden_size * 2, args.vocab_size * args.hidden_size * 2
+    assert dx + dw < low.loss <= dx + dw + 256 * 2**20 < ac.loss
     assert "total" in ac.format()
 
 
