@@ -91,8 +91,16 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard each decoder block, then the root (embeddings, final norm, lm_head, the fused loss).
+    """fully_shard each decoder block, then [final norm, lm_head] as one unit, then the root (embeddings,
+    and with tied embeddings the norm and the output projection too), as torchtitan does.
 
+    - Blocks reshard after forward (reshard_after_forward), except the last, which backward needs at once.
+    - [norm, lm_head] stays gathered after forward (backward starts there) and the loss is computed inside
+      lm_head's forward (engine.models.model.LMHead), where its weight is gathered.
+    - The root keeps FSDP's default (no reshard after forward for the root): an explicit True would free
+      and re-gather embed + norm + lm_head (2.18 GB in bf16 at Qwen2-7B) at the start of every backward.
+    - cast_forward_inputs=False: the embedding output is already in the compute dtype, and a cast of every
+      block's inputs is a tree walk per block per micro-batch for nothing.
     Parameters stay fp32 (master weights; AdamW state is fp32 of the same shards). With param_dtype bf16 the
     all-gathered compute copy is bf16 and gradients are reduced in fp32. Gradient reduction is a plain SUM
     (divide factor 1): the long-ce loss is already divided by the global token count, and forcing SUM keeps
@@ -101,19 +109,18 @@ def apply_fsdp(
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if param_dtype == torch.float32:
-        mp = MixedPrecisionPolicy()  # fp32 runs: no casts at all
+        mp = MixedPrecisionPolicy(cast_forward_inputs=False)  # fp32 runs: no casts at all
     else:
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        mp = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+        )
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        # the last block is needed again at once by backward: keep it gathered (torchtitan does the same)
-        fully_shard(
-            layer,
-            mesh=mesh,
-            mp_policy=mp,
-            reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
-        )
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        last = i == len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
+    if model.lm_head is not None:  # tied: the output weight is the embedding's, which lives in the root
+        fully_shard([model.model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -180,30 +187,38 @@ def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02):
 
 
 # ---------------------------------------------------------------- NEFTune
-def doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None) -> torch.Tensor:
-    """Lengths of the documents of a [B, T] batch in flattened order (cu_seqlens, else position_ids == 0,
-    else one document per row)."""
+def token_doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    """(B*T,) int64: the length of the document each token of a [B, T] batch belongs to, from cu_seqlens,
+    else position_ids (a document starts at position 0 and at every row start), else one per row. Computed
+    where the inputs are, with static shapes: nothing is copied back to the host."""
+    from engine.models.attention import token_segments
+
     B, T = shape
     if cu_seqlens is not None:
-        return (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+        cu = cu_seqlens.long()
+        return (cu[1:] - cu[:-1])[token_segments(cu, B * T)]
     if position_ids is not None:
-        starts = position_ids.reshape(-1).cpu() == 0
-        starts[::T] = True  # a row always starts a document
-        idx = torch.nonzero(starts).flatten()
-        return torch.diff(idx, append=torch.tensor([B * T]))
-    return torch.full((B,), T, dtype=torch.long)
+        starts = position_ids.reshape(B, T) == 0
+        starts[:, 0] = True  # a row always starts a document
+        seg = starts.flatten().long().cumsum(0) - 1  # (B*T,) document index of each token
+        counts = torch.zeros(B * T, dtype=torch.long, device=seg.device).index_add_(
+            0, seg, torch.ones_like(seg)
+        )
+        return counts[seg]
+    return torch.full((B * T,), T, dtype=torch.long)
 
 
-def neftune_scale(lengths: torch.Tensor, hidden: int, alpha: float) -> torch.Tensor:
-    """Per-token noise magnitude alpha / sqrt(L * d), L = the token's own document length: [sum(lengths)]."""
-    per_doc = alpha / torch.sqrt(lengths.double() * hidden)
-    return torch.repeat_interleave(per_doc, lengths).float()
+def neftune_scale(token_lengths: torch.Tensor, hidden: int, alpha: float) -> torch.Tensor:
+    """Per-token noise magnitude alpha / sqrt(L * d), L = the token's own document length (token_lengths,
+    one per token): float32, same shape."""
+    return alpha * torch.rsqrt(token_lengths.double() * hidden).float()
 
 
 def apply_neftune(model: nn.Module, alpha: float) -> list:
     """NEFTune (Jain et al. 2023): add Uniform(-1, 1) * alpha / sqrt(L * d) to the input embeddings while
     training. HF computes L from the padded row; with packing each document gets its own L, so a packed
-    document sees exactly the noise it would see alone. Returns the hook handles."""
+    document sees exactly the noise it would see alone. L comes from the batch's cu_seqlens on the device
+    (no copy back to the host per micro-batch). Returns the hook handles."""
     if alpha <= 0:
         return []
     seen: dict = {}
@@ -211,17 +226,16 @@ def apply_neftune(model: nn.Module, alpha: float) -> list:
     def capture(module, args, kwargs):
         # CausalLM.forward(input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None)
         names = ("input_ids", "position_ids", "cu_seqlens")
-        vals = {n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)}
-        seen["lengths"] = doc_lengths(
-            tuple(vals["input_ids"].shape), vals["position_ids"], vals["cu_seqlens"]
-        )
+        seen.update({n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)})
 
     def add_noise(module, inputs, output):
         if not module.training:
             return output
         B, T, H = output.shape  # (B, T, d)
-        scale = neftune_scale(seen["lengths"], H, alpha).to(output.device).view(B, T, 1)
-        noise = torch.rand(output.shape, device=output.device, dtype=torch.float32).mul_(2).sub_(1)
+        dev = output.device
+        pos, cu = (None if seen[n] is None else seen[n].to(dev) for n in ("position_ids", "cu_seqlens"))
+        scale = neftune_scale(token_doc_lengths((B, T), pos, cu).to(dev), H, alpha).view(B, T, 1)
+        noise = torch.rand(output.shape, device=dev, dtype=torch.float32).mul_(2).sub_(1)
         return output + (noise * scale).to(output.dtype)
 
     return [
