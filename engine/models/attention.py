@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,15 @@ ATTN_IMPLS = ("auto", "flash", "varlen", "sdpa")
 @functools.cache
 def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+@functools.cache
+def _varlen_gqa_kwargs() -> dict:
+    """torch >= 2.12's varlen_attn needs enable_gqa=True for fewer k/v heads; torch 2.11's has no such
+    argument and hands k/v straight to the flash kernel, which supports GQA natively."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
 
 
 def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -161,7 +171,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     else:
         from torch.nn.attention.varlen import varlen_attn
 
-        o = varlen_attn(qf, kf, vf, cu, cu, m, m, window_size=(-1, 0), enable_gqa=True)
+        o = varlen_attn(qf, kf, vf, cu, cu, m, m, window_size=(-1, 0), **_varlen_gqa_kwargs())
     return o.view(B, T, nh, hd)
 
 
