@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 42
     gradient_checkpointing: bool = True
     gradient_checkpointing_every: int = 1  # checkpoint every k-th decoder layer
+    compile: bool = False  # torch.compile each decoder block (inductor), after checkpointing, before FSDP
     neftune_noise_alpha: float = 0.0  # 0 = off
     loss_name: str = field(default="long-ce", metadata=_choices("long-ce", "mean"))
     max_nonfinite_steps: int = 5  # abort after this many skipped (NaN/inf) steps in a row

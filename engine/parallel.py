@@ -3,9 +3,10 @@ materialisation of a meta-device model into sharded parameters. Model files know
 
 Required order (as torchtitan's parallelize.py):
     build on meta -> apply_neftune (hooks, any time before training) -> apply_activation_checkpointing
-    -> apply_fsdp (AC wraps each block *before* fully_shard, so the FSDP unit is the checkpointed block and
-    its all-gather is redone inside the recompute) -> to_empty + load_full_tensors_ (a checkpoint's tensors, or
-    random_init_tensors, copied into the shards).
+    -> apply_compile -> apply_fsdp (AC wraps each block *before* compile, so the compiled graph holds the
+    checkpointed region; both before fully_shard, so the FSDP unit is the compiled, checkpointed block, its
+    hooks run outside the graph and its all-gather is redone before the recompute) -> to_empty +
+    load_full_tensors_ (a checkpoint's tensors, or random_init_tensors, copied into the shards).
 """
 
 from __future__ import annotations
@@ -80,6 +81,30 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int
             layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             wrapped.append(i)
     return wrapped
+
+
+# ---------------------------------------------------------------- torch.compile
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder block (fullgraph: a graph break is an error, not a silent slowdown).
+
+    Blocks share their code, so one graph serves all of them (dynamo treats the parameters as inputs).
+    Packed micro-batches vary in length T and in document count, so those dimensions are marked dynamic
+    before the first call: one graph for every shape, plus at most one recompile when an int input
+    (max_seqlen, read by flash / varlen on GPU) first changes and becomes symbolic
+    (tests/train/test_train_compile.py counts the graphs).
+    """
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = torch.compile(layer, backend=backend, fullgraph=True)
+        layers[i].register_forward_pre_hook(_mark_dynamic)
+
+
+def _mark_dynamic(module: nn.Module, args: tuple) -> None:
+    x, rope, meta = args[:3]  # a block's (hidden (B, T, H), (cos, sin) (B, T, rd), AttnMeta)
+    for t in (x, *rope):
+        torch._dynamo.maybe_mark_dynamic(t, 1)  # T
+    if meta is not None and meta.cu_seqlens is not None:
+        torch._dynamo.maybe_mark_dynamic(meta.cu_seqlens, 0)  # documents + 1
 
 
 # ---------------------------------------------------------------- FSDP2
@@ -196,7 +221,8 @@ def token_doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None
     B, T = shape
     if cu_seqlens is not None:
         cu = cu_seqlens.long()
-        return (cu[1:] - cu[:-1])[token_segments(cu, B * T)]
+        seg = token_segments(cu, B * T)
+        return cu[seg + 1] - cu[seg]
     if position_ids is not None:
         starts = position_ids.reshape(B, T) == 0
         starts[:, 0] = True  # a row always starts a document

@@ -44,6 +44,7 @@ from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
     DistInfo,
     apply_activation_checkpointing,
+    apply_compile,
     apply_fsdp,
     apply_neftune,
     init_distributed,
@@ -57,8 +58,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_sharded_model(cfg: Config, info: DistInfo):
-    """Meta-device build -> NEFTune hooks -> activation checkpointing -> FSDP2 -> materialise the shards
-    (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name)."""
+    """Meta-device build -> NEFTune hooks -> activation checkpointing -> compile -> FSDP2 -> materialise the
+    shards (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import kernels
@@ -78,6 +79,8 @@ def build_sharded_model(cfg: Config, info: DistInfo):
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
         apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
+    if t.compile:
+        apply_compile(model)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     apply_fsdp(model, mesh, param_dtype=DTYPES[cfg.model.torch_dtype])
     model.to_empty(device=info.device)

@@ -83,7 +83,8 @@ def token_segments(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """(n_tokens,) int64: the index of the segment of cu_seqlens each token belongs to, computed where
     cu_seqlens is (a searchsorted of static shape: no host sync, traceable by torch.compile)."""
     tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    # no slice of cu_seqlens: torch.compile would specialise on its length being 1 (one document)
+    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
 
 
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
