@@ -11,6 +11,7 @@ Required order (as torchtitan's parallelize.py):
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import zlib
@@ -64,23 +65,74 @@ def shutdown_distributed() -> None:
 
 
 # ---------------------------------------------------------------- activation checkpointing
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+def apply_activation_checkpointing(
+    model: nn.Module, every: int = 1, *, selective: bool = False, min_tokens: int = 0
+) -> list[int]:
     """Wrap every `every`-th decoder block (0, k, 2k, ...) in a non-reentrant checkpoint; returns their ids.
 
-    Only each block's input is kept; its internals are recomputed in backward.
+    Full (default): only each block's input is kept; its internals are recomputed in backward.
+    selective: torchtitan's op-level policy (selective_checkpoint_policy): the outputs of attention and of
+    every other matmul are kept, the rest (elementwise ops, norms, the other matmuls) is recomputed.
+    min_tokens: a micro-batch of fewer tokens (B * T) is not checkpointed at all: for unpacked rows, whose
+    length varies, short ones keep their (small) activations instead of paying the recompute.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         checkpoint_wrapper,
     )
 
+    kwargs = {"context_fn": selective_checkpoint_contexts} if selective else {}
+    fn = functools.partial(_checkpoint_long, min_tokens=min_tokens, **kwargs)
     layers = model.model.layers
     wrapped = []
     for i in range(len(layers)):
         if i % every == 0:
-            layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            layers[i] = checkpoint_wrapper(
+                layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=fn
+            )
             wrapped.append(i)
     return wrapped
+
+
+def _checkpoint_long(block: nn.Module, x: torch.Tensor, *args, min_tokens: int, **kwargs) -> torch.Tensor:
+    """Checkpoint the call of a block on x (B, T, H) unless it holds fewer than min_tokens tokens."""
+    from torch.utils.checkpoint import checkpoint
+
+    if x.shape[0] * x.shape[1] < min_tokens:
+        return block(x, *args)
+    return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+
+
+# Matmuls of the blocks (nn.Linear dispatches as mm, or addmm with a bias) and attention forwards (SDPA's
+# backends, torch's varlen_attn, flash-attn), by op name so that a backend not installed needs no import.
+SAC_MATMULS = ("aten::mm", "aten::addmm")
+SAC_ATTENTION = ("aten::_scaled_dot_product", "aten::_flash_attention_forward", "torch_attn::_varlen_attn")
+
+
+def selective_checkpoint_policy(counts: dict):
+    """The policy of one checkpointed call: keep attention outputs and every other matmul output (the 1st,
+    3rd, ... of the block, in the same order in forward and in the recompute), recompute everything else.
+    Half the matmul recompute of full checkpointing for the memory of about half the matmul outputs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        name = func._schema.name
+        if name.startswith(SAC_ATTENTION) or name.startswith("flash_attn::"):
+            return CheckpointPolicy.MUST_SAVE
+        if name in SAC_MATMULS:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            counts[mode] = counts.get(mode, 0) + 1
+            return CheckpointPolicy.MUST_SAVE if counts[mode] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def selective_checkpoint_contexts():
+    """context_fn of torch.utils.checkpoint: a fresh matmul count for every checkpointed call."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(selective_checkpoint_policy({}))
 
 
 # ---------------------------------------------------------------- torch.compile

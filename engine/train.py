@@ -78,7 +78,10 @@ def build_sharded_model(cfg: Config, info: DistInfo):
     )
     apply_neftune(model, t.neftune_noise_alpha)
     if t.gradient_checkpointing:
-        apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
+        apply_activation_checkpointing(
+            model, every=t.gradient_checkpointing_every, selective=t.gradient_checkpointing == "selective",
+            min_tokens=t.gradient_checkpointing_min_tokens,
+        )  # fmt: skip
     if t.compile:
         apply_compile(model)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
@@ -225,7 +228,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
     tokens_per_mb = t.batch_size * cfg.data.max_length
     plan = plan_memory(
         model.args, world_size=info.world_size, tokens_per_micro_batch=tokens_per_mb,
-        param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=t.gradient_checkpointing,
+        param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=bool(t.gradient_checkpointing),
         checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
     )  # fmt: skip
     log.write(

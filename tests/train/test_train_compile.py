@@ -91,3 +91,17 @@ def test_inductor_losses_equal_eager(eager, tmp_path):
     assert inductor["shapes"] == eager["shapes"]
     assert inductor["losses"] == pytest.approx(eager["losses"], rel=1e-5)
     assert 1 <= inductor["counters"]["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.slow
+def test_compile_with_selective_checkpointing_and_threshold(tmp_path):
+    """The op-level policy (context_fn) and the length threshold traced by dynamo: same losses as eager."""
+    data = make_dataset(tmp_path / "train.jsonl", n=48)
+    flags = dict(max_steps=2, gradient_checkpointing="selective", gradient_checkpointing_min_tokens=220)
+    eager = run_inprocess(base_args(data, tmp_path / "eager", **flags))["losses"]
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod, "apply_compile", lambda m: parallel.apply_compile(m, backend="aot_eager"))
+        compiled = run_inprocess(base_args(data, tmp_path / "compiled", compile="true", **flags))["losses"]
+    torch._dynamo.reset()
+    assert compiled == pytest.approx(eager, rel=1e-5)
