@@ -239,6 +239,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )
+    if info.world_size > 1:  # what dealing micro-batches by cost leaves (engine.data.loader.cost_spread)
+        spread = train_loader.cost_spreads(train_loader.epoch)
+        log.write(
+            f"rank cost spread (slowest rank over the mean): mean {spread.mean():.2%}, max {spread.max():.2%}"
+        )
     if val_loader is not None:
         log.write(f"val data: {val_loader.dataset.summary()}")
 
@@ -291,6 +296,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     "grad_norm": grad_norm, "num_tokens": res["num_tokens"], "tokens": res["tokens"],
                     "tokens_per_s": res["tokens"] / dt, "step_time_s": dt,
                     "max_memory_gb": round(max_memory_gb(device), 3),
+                    "rank_cost_spread": round(train_loader.last_cost_spread, 5),
                 }  # fmt: skip
                 if peak:
                     flops = step_flops(model.args, res["tokens"], res["sum_sq"])
