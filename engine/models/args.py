@@ -98,6 +98,11 @@ FLAVOURS: dict[str, ModelArgs] = {
         num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True, max_position_embeddings=32768,
         eos_token_ids=(151643,), bos_token_id=151643,
     ),
+    "qwen2.5-1.5b": _qwen2(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+        num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True, max_position_embeddings=32768,
+        eos_token_ids=(151643,), bos_token_id=151643,
+    ),
     # THUDM/glm-4-9b(-chat): rope base 10000 * rope_ratio 500, layernorm_epsilon 1.5625e-07.
     "glm4-9b": _glm(
         vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_layers=40, num_heads=32,

@@ -9,7 +9,7 @@ from benchmarks import bench_train
 from benchmarks.common import CSV_FIELDS
 from benchmarks.train_workload import cpu_configs
 
-METRICS = {"tokens_per_s", "step_time", "mfu_row", "mfu_doc", "peak_memory", "loss_step1"}
+METRICS = {"tokens_per_s", "step_time", "mfu_causal", "mfu_full_attn", "peak_memory", "loss_step1"}
 
 
 def test_bench_train_smoke_runs_the_quick_mode_set(tmp_path, capsys):
