@@ -8,18 +8,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from train_testlib import one_thread  # noqa: F401 (a fixture)
 
 from engine.config import parse_config
 from engine.models import build_model, clean_param_name
 from engine.parallel import SAC_MATMULS, apply_activation_checkpointing
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class OpLog(TorchDispatchMode):

@@ -9,11 +9,11 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_testlib import run_on_gloo_ranks
 
 import kernels
 from engine.models import build_model, clean_param_name
-from engine.parallel import apply_activation_checkpointing, apply_fsdp, shutdown_distributed
+from engine.parallel import apply_activation_checkpointing, apply_fsdp
 
 
 def fsdp_states(model) -> list:
@@ -119,19 +119,12 @@ def _check(rank: int, world: int, flavour: str) -> None:
     torch.testing.assert_close(mine, full.view(len(ids), -1)[rows].flatten(), rtol=1e-5, atol=1e-6)
 
 
-def _worker(rank: int, world: int, store_file: str) -> None:
-    # A file rendezvous: no free-port race with other tests running at the same time.
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+def _both_flavours(rank: int, world: int) -> None:
     torch.set_num_threads(1)
-    try:
-        for flavour in ("debug-glm4", "debug-qwen2"):  # untied, tied
-            _check(rank, world, flavour)
-    except BaseException:
-        dist.destroy_process_group()  # the peer may never reach a barrier now
-        raise
-    shutdown_distributed()
+    for flavour in ("debug-glm4", "debug-qwen2"):  # untied, tied
+        _check(rank, world, flavour)
 
 
 @pytest.mark.dist
 def test_fsdp_layout_two_ranks_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    run_on_gloo_ranks(_both_flavours, 2, str(tmp_path / "store"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from train_testlib import one_thread  # noqa: F401 (a fixture)
 
 from engine.config import parse_config
 from engine.memory import plan_memory
@@ -20,12 +21,7 @@ from engine.parallel import apply_activation_checkpointing, apply_neftune, neftu
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
