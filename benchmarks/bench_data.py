@@ -5,7 +5,10 @@
     python -m benchmarks.bench_data --quick --repeats 1 --results-dir /tmp/x   # sanity run elsewhere
 
 Length distribution ("LongWriter-like"): long samples lognormal around 3,500 tokens (clipped to
-500..17,000; mean 4,061 in results/data.md) mixed with 300..1,500-token chat samples. Rows are appended
+500..17,000; mean 4,061 in results/data.md) mixed with 300..1,500-token chat samples. Packing is also
+measured as rows over the lower bound ceil(total tokens / max_length), and the dealing of packed rows to
+8 ranks as the simulated time lost waiting for the slowest rank (rank_wait), by token count (the dealing
+before) and by estimated cost (engine.data.loader.deal_rows). Rows are appended
 in long format to benchmarks/results/data.csv; a markdown summary with the environment goes to
 benchmarks/results/data.md.
 """
@@ -34,6 +37,29 @@ def longwriter_lengths(n_long: int, n_short: int, seed: int) -> np.ndarray:
     long = np.clip(rng.lognormal(np.log(3500), 0.55, n_long), 500, 17000).astype(np.int64)
     short = rng.integers(300, 1501, n_short)
     return rng.permutation(np.concatenate([long, short]))
+
+
+def rank_wait(plan: list[list[int]], lengths: np.ndarray, world: int, accum: int) -> tuple[list, list]:
+    """Per optimizer step, the time the ranks lose waiting for the slowest (engine.data.loader.cost_spread)
+    when the step's packed rows (batch_size 1) are dealt by token count, as before, and by estimated cost
+    (deal_rows, ATTENTION_WEIGHT). Time is simulated as Qwen2-7B FLOPs (6 N per token + causal attention,
+    engine.metrics.step_flops), a weight other than the one the dealing uses."""
+    from engine.data.loader import cost_spread, deal_rows
+    from engine.metrics import matmul_params
+    from engine.models import FLAVOURS
+
+    a = FLAVOURS["qwen2-7b"]
+    judge = a.num_layers * a.num_heads * a.head_dim / matmul_params(a)  # attention / matmul FLOPs ratio
+    G = world * accum
+    by_tokens, by_cost = [], []
+    for k in range(len(plan) // G):
+        rows = plan[k * G : (k + 1) * G]
+        micro, times = deal_rows(rows, lengths, 1, None, attention_weight=judge)
+        time_of = {tuple(m): t for m, t in zip(micro, times)}
+        for out, kw in ((by_tokens, {"attention_weight": 0.0}), (by_cost, {})):
+            order = deal_rows(rows, lengths, 1, None, **kw)[0]
+            out.append(cost_spread([time_of[tuple(m)] for m in order], world))
+    return by_tokens, by_cost
 
 
 def timed(fn, repeats: int) -> tuple[list[float], object]:
@@ -125,6 +151,21 @@ def main() -> None:
         record(f"pack_lengths/{name}", "samples_per_s", "samples/s", shape, [len(lengths) / t for t in times])
         record(f"pack_lengths/{name}", "packing_efficiency", "fraction", shape, effs)
         record(f"pack_lengths/{name}", "mean_length", "tokens", shape, [float(lengths.mean())])
+        lower_bound = -(-int(lengths.sum()) // MAX_LENGTH)
+        over = [
+            len(pack_lengths(lengths, MAX_LENGTH, seed=0, epoch=e)) - lower_bound for e in range(args.repeats)
+        ]
+        record(f"pack_lengths/{name}", "rows_over_lower_bound", "rows", shape, over)
+
+        # Dealing each step's rows to 8 ranks: by token count (before) and by estimated cost (now).
+        plan = pack_lengths(lengths, MAX_LENGTH, seed=0)
+        for accum in (1, 8, 32):
+            by_tokens, by_cost = rank_wait(plan, lengths, world=8, accum=accum)
+            if not by_cost:  # fewer rows than one global batch (--quick)
+                continue
+            dshape = f"{shape} ranks=8 accum={accum} steps={len(by_cost)}"
+            record(f"deal_rows/{name}/by_tokens", "rank_wait", "fraction", dshape, by_tokens)
+            record(f"deal_rows/{name}/by_cost", "rank_wait", "fraction", dshape, by_cost)
 
     # 2. Tokenization (build_dataset) + 3. loader, on a synthetic LongWriter-like jsonl.
     n_long, n_short = (60, 200) if args.quick else (600, 2000)

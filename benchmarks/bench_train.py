@@ -1,17 +1,18 @@
 """Training throughput, MFU and peak memory of the engine, against the alternatives a user would pick.
 
     python -m benchmarks.bench_train --quick        # CPU: debug-qwen2, 2,048-token packs (a few minutes)
-    python -m benchmarks.bench_train                # GPU: qwen2.5-0.5b, 28,672-token packs, full set
+    python -m benchmarks.bench_train                # GPU: qwen2.5-0.5b and -1.5b, 28,672-token packs, full set
+    python -m benchmarks.bench_train --configs core --budget_s 420   # GPU: eager, compiled, HF, HF+Liger
     python -m benchmarks.bench_train --smoke --results-dir /tmp/x   # test suite: the --quick set, tiny, in-process
     python -m benchmarks.bench_train --plan qwen2-7b --nproc 4 --gpu a100-80gb   # memory plan + projection
 
 Workload: documents with LongWriter-like lengths (benchmarks.bench_data.longwriter_lengths: lognormal long
 replies mixed with short chat samples), scaled to max_length / 28,672, random token ids, the first 10% of
-each document a prompt (labels -100). Optimizer step k holds the documents of one best-fit-decreasing packed
-row, whatever the layout: "packed" = that row as one [1, T] micro-batch with cu_seqlens / position_ids;
-"padded" = one document per row, micro-batches of rows x longest <= max_length padded to their longest;
-"bs1" = one document per micro-batch (the LongWriter recipe's packing off, batch_size 1). Unpacked layouts
-accumulate gradients over their micro-batches. So every configuration trains on the same tokens and its
+each document a prompt (labels -100). Optimizer step k holds the documents of one packed row
+(engine.data.pack_lengths), whatever the layout: "packed" = that row as one [1, T] micro-batch with
+cu_seqlens / position_ids; "padded" = one document per row, micro-batches of rows x longest <= max_length
+padded to their longest; "bs1" = one document per micro-batch (the LongWriter recipe's packing off,
+batch_size 1). Unpacked layouts accumulate gradients over their micro-batches. So every configuration trains on the same tokens and its
 first-step loss is the same number. --nproc N runs the engine under torchrun, every rank on the same steps.
 
 Every configuration runs in a fresh subprocess (clean allocator, clean peak-memory counters, Liger's
@@ -19,17 +20,21 @@ monkey-patching cannot leak). A step = forward + backward of all its micro-batch
 AdamW, timed with a device sync; the first --warmup steps are discarded.
 
 Metrics (long-format rows in results/train.csv, percentiles over the measured steps):
-  tokens_per_s  real (non-padding) tokens per second per device
+  tokens_per_s  real (non-padding) tokens per second per device (GPU)
   step_time     seconds per optimizer step
-  mfu_row       model FLOPs / step time / peak, counting every row as ONE causal sequence of its full (padded)
-                length: 6 N (B*T) + 6 n_layers d_q sum_rows T^2. The convention of most published MFU numbers.
-  mfu_doc       the same with only what document masking really computes: 6 N (real tokens)
-                + 6 n_layers d_q sum_docs L^2 (engine.metrics.step_flops). Recompute of activation
-                checkpointing is not counted in either (MFU, not HFU).
+  mfu_causal    model FLOPs / step time / peak with causal-halved attention over each document, what document
+                masking really computes: 6 N (real tokens) + 6 n_layers d_q sum_docs L^2
+                (engine.metrics.step_flops)
+  mfu_full_attn the convention torchtitan and MPT publish: every row one sequence of its full (padded) length
+                with full, not causal-halved, attention: 6 N (B*T) + 12 n_layers d_q sum_rows T^2
+                (engine.metrics.step_flops(..., attention="full")). Neither counts the recompute of activation checkpointing
+                (MFU, not HFU).
   peak_memory   GPU: torch.cuda.max_memory_allocated over the whole run (params, grads, AdamW, activations).
                 CPU: high-water mark of the resident set (VmHWM, reset through /proc/self/clear_refs after the
                 imports and a toy warm-up step) minus the resident set at that moment, in the fresh
                 subprocess (benchmarks.common.peak_memory_bytes).
+  peak_reserved GPU only: torch.cuda.max_memory_reserved (what the caching allocator held, cached blocks
+                included: what decides an out-of-memory).
   loss_step1    the first step's loss (same weights, same tokens: every provider should agree).
   tokens_per_cpu_s  (CPU only) real tokens per process CPU-second.
 Peak FLOP/s: the bf16 dense peak of engine.metrics.PEAK_BF16 on GPU; on CPU the best fp32 GEMM rate measured
@@ -62,6 +67,7 @@ from benchmarks.train_worker import run_worker
 from benchmarks.train_workload import (
     REF_LENGTH,
     RunSpec,
+    core_configs,
     cpu_configs,
     gpu_configs,
     make_steps,
@@ -71,6 +77,8 @@ from benchmarks.train_workload import (
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+GPU_FLAVOURS = "qwen2.5-0.5b,qwen2.5-1.5b"  # the full mode's shapes (random init)
+MIN_CONFIG_S = 30  # --budget_s: a configuration is not started with less time left
 
 
 # ------------------------------------------------------------------------------------------------- parent
@@ -128,48 +136,70 @@ def launch(spec: RunSpec, timeout: float, isolate: bool = True) -> dict:
 def run_suite(ns) -> int:
     import torch
 
-    from engine.models import resolve_args
-
     cuda = torch.cuda.is_available()
     if ns.smoke:
         ns.in_process = True
-        configs, flavour, T, warmup, steps, rounds = smoke_configs(), "debug-qwen2", 256, 1, 1, 1
+        configs, flavours, T, warmup, steps, rounds = smoke_configs(), "debug-qwen2", 256, 1, 1, 1
     elif ns.quick:
-        configs, flavour, T, warmup, steps, rounds = cpu_configs(), "debug-qwen2", 2048, 2, 10, 1
+        configs, flavours, T, warmup, steps, rounds = cpu_configs(), "debug-qwen2", 2048, 2, 10, 1
     else:
         if not cuda:
             print("error: the full mode needs a CUDA GPU; use --quick on CPU", file=sys.stderr)
             return 2
-        configs, flavour, T, warmup, steps, rounds = gpu_configs(), "qwen2.5-0.5b", 28672, 3, 10, 1
-    flavour = ns.flavour or flavour
+        configs, flavours, T, warmup, steps, rounds = gpu_configs(), GPU_FLAVOURS, 28672, 3, 10, 1
+    flavours = [f for f in (ns.flavour or flavours).split(",") if f]
     T, warmup, steps = ns.max_length or T, ns.warmup if ns.warmup is not None else warmup, ns.steps or steps
     rounds, nproc = ns.rounds or rounds, ns.nproc or 1
     # CPU: one thread per worker by default. On a machine shared with other jobs, a second OpenMP thread
     # waits at every barrier for a core someone else holds: a 256x64x128 matmul then stalls ~16 ms at p99
     # instead of ~0.2 ms, and step times swing 10x between identical runs.
     threads = ns.threads or (None if cuda else 1)
+    if ns.configs == "core":
+        configs = core_configs(configs, cuda)
     if ns.only:
-        configs = [c for c in configs if any(s in c.name for s in ns.only)]
-    args = resolve_args(flavour)
+        configs = [c for c in configs if any(sub in c.name for sub in ns.only)]
     dev = torch.device("cuda" if cuda else "cpu")
     if threads:
         torch.set_num_threads(threads)  # before environment(): the CPU device name carries the thread count
     env = environment(dev)
-    slug = device_slug(dev)
     results_dir = Path(ns.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()
     if cuda:
         from engine.metrics import peak_flops
 
         peak = peak_flops(torch.device("cuda"))
-        peak_note = f"bf16 dense datasheet peak {peak / 1e12:.0f} TFLOP/s (engine.metrics.PEAK_BF16)"
         if peak is None:
             print("error: unknown GPU peak; add it to engine.metrics.PEAK_BF16", file=sys.stderr)
             return 2
+        peak_note = f"bf16 dense datasheet peak {peak / 1e12:.0f} TFLOP/s (engine.metrics.PEAK_BF16)"
     else:
         peak = cpu_gemm_peak(threads, reps=5 if ns.smoke else 20)
         peak_note = f"best fp32 1024^3 GEMM measured in this run: {peak / 1e9:.1f} GFLOP/s"
+    deadline = time.monotonic() + ns.budget_s if ns.budget_s else None
+    schedule = (T, warmup, steps, rounds, threads, nproc, peak, peak_note, deadline)
+    rows, reports = [], []
+    for flavour in flavours:
+        f_rows, report = run_flavour(ns, env, configs, flavour, schedule, cuda)
+        rows += f_rows
+        reports.append(report)
+    rows.append(row(env, "hardware", "peak", "peak_flops", "FLOP/s", peak_note, [peak], fmt=".6g"))
+    csv_path = results_dir / "train.csv"
+    append_rows(csv_path, rows)
+    stem = f"train_{device_slug(dev)}_{env['date'][:10]}" + ("_smoke" if ns.smoke else "")
+    (results_dir / f"{stem}.md").write_text("\n".join(text for text, _ in reports))
+    for k, (_, (table, title)) in enumerate(reports):  # one plot per flavour
+        plot(table, results_dir / f"{stem}{'' if k == 0 else f'_{flavours[k]}'}.png", title)
+    print(f"appended {len(rows)} rows to {csv_path}; wrote {stem}.md and its plot(s)")
+    return 0
+
+
+def run_flavour(ns, env, configs, flavour: str, schedule: tuple, cuda: bool) -> tuple[list[dict], tuple]:
+    """Every configuration on one model shape; returns its CSV rows and (report markdown, plot data)."""
+    from engine.models import resolve_args
+
+    T, warmup, steps, rounds, threads, nproc, peak, peak_note, deadline = schedule
+    args = resolve_args(flavour)
+    load_before = os.getloadavg()
     probe = make_steps(args.vocab_size, T, warmup + steps, 0, "packed")
     fills = [step_stats(s)["tokens"] / T for s in probe]
     docs = [len(s[0]["doc_lengths"]) for s in probe]
@@ -177,7 +207,7 @@ def run_suite(ns) -> int:
         f" ranks={nproc}" if nproc > 1 else ""
     )
     print(f"{len(configs)} configs, {shape}, warmup {warmup}, steps {steps}; peak {peak_note}", flush=True)
-
+    backend = "aot_eager" if ns.smoke else "inductor"  # the smoke test builds no C++
     table, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = None
@@ -188,13 +218,21 @@ def run_suite(ns) -> int:
         results: dict[str, list[dict]] = {c.name: [] for c in configs}
         for r in range(rounds):
             for c in configs:
-                spec = RunSpec(asdict(c), flavour, T, warmup, steps, hf_dir=hf_dir, threads=threads, nproc=nproc)  # fmt: skip
+                spec = RunSpec(asdict(c), flavour, T, warmup, steps, hf_dir=hf_dir, threads=threads, nproc=nproc,
+                               compile_backend=backend)  # fmt: skip
                 t0 = time.perf_counter()
+                left = None if deadline is None else deadline - time.monotonic()
                 if nproc > 1 and c.provider != "engine":
                     res = {"status": "skipped", "config": spec.config,
                            "reason": "transformers baselines run in one process (multi-GPU needs accelerate/FSDP)"}  # fmt: skip
+                elif left is not None and left < MIN_CONFIG_S:
+                    res = {
+                        "status": "skipped",
+                        "config": spec.config,
+                        "reason": f"--budget_s: {left:.0f} s left",
+                    }
                 else:
-                    res = launch(spec, ns.timeout, isolate=not ns.in_process)
+                    res = launch(spec, min(ns.timeout, left or ns.timeout), isolate=not ns.in_process)
                 results[c.name].append(res)
                 msg = res["status"] if res["status"] != "ok" else (
                     f"{np.median([s['tokens'] / s['time'] for s in res['steps'] if not s['warmup']]):9.0f} tok/s  "
@@ -213,18 +251,9 @@ def run_suite(ns) -> int:
         )  # fmt: skip
         for metric, (unit, values) in summary.items():
             rows.append(row(env, c.provider, c.mode, metric, unit, shape, values, fmt=".6g"))
-    rows.append(row(env, "hardware", "peak", "peak_flops", "FLOP/s", peak_note, [peak], fmt=".6g"))
-    load_after = os.getloadavg()
-
-    csv_path = results_dir / "train.csv"
-    append_rows(csv_path, rows)
-    stem = f"train_{slug}_{env['date'][:10]}" + ("_smoke" if ns.smoke else "")
-    plot(table, results_dir / f"{stem}.png", f"bench_train {shape} | {env['device']} | {env['date']}")
     cmd = "python -m benchmarks.bench_train " + " ".join(ns.argv)
-    report = render_report(table, env, cmd, shape, peak_note, (warmup, steps, rounds, threads), fills, docs, load_before, load_after, cuda)  # fmt: skip
-    (results_dir / f"{stem}.md").write_text(report)
-    print(f"appended {len(rows)} rows to {csv_path}; wrote {stem}.md and {stem}.png")
-    return 0
+    report = render_report(table, env, cmd, shape, peak_note, (warmup, steps, rounds, threads), fills, docs, load_before, os.getloadavg(), cuda)  # fmt: skip
+    return rows, (report, (table, f"bench_train {shape} | {env['device']} | {env['date']}"))
 
 
 # ----------------------------------------------------------------------------------------------------- cli
@@ -237,12 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the --quick configurations at 256 tokens, 1+1 steps (test suite)",
     )
-    ap.add_argument("--flavour", help="engine.models flavour (default: debug-qwen2 quick, qwen2.5-0.5b GPU)")
+    ap.add_argument(
+        "--flavour",
+        help=f"engine.models flavour(s), comma-separated (default: debug-qwen2 quick, {GPU_FLAVOURS} GPU)",
+    )
     ap.add_argument("--max-length", type=int, help="tokens per packed row")
     ap.add_argument("--warmup", type=int, help="steps discarded")
     ap.add_argument("--steps", type=int, help="steps measured")
     ap.add_argument("--rounds", type=int, help="interleaved repeats of the whole set (default 1)")
     ap.add_argument("--only", nargs="*", help="run configurations whose name contains one of these")
+    ap.add_argument(
+        "--configs",
+        choices=("all", "core"),
+        default="all",
+        help="core: engine eager + compiled, transformers, transformers + Liger (packed, full checkpointing)",
+    )
+    ap.add_argument("--budget_s", type=float, help="wall-clock box for the whole run: no configuration starts "
+                    f"with less than {MIN_CONFIG_S} s left, and none runs past it")  # fmt: skip
     ap.add_argument("--threads", type=int, help="torch threads per worker (CPU default 1; GPU: torch's)")
     ap.add_argument(
         "--in-process", action="store_true", help="no subprocess per configuration (--smoke does this)"

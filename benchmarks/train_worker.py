@@ -5,9 +5,12 @@ for the smoke test."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import os
 import time
+from unittest import mock
 
 from benchmarks.common import peak_memory_bytes, synchronize
 from benchmarks.train_baselines import hf_runner
@@ -32,9 +35,17 @@ def _engine_runner(spec: RunSpec, cfg: BenchConfig, device):
     c.model.torch_dtype = "bfloat16" if device.type == "cuda" else "float32"
     c.model.loss_impl = {"triton": "triton", "twin": "torch"}.get(cfg.loss, "auto")
     c.train.seed = spec.seed
-    c.train.gradient_checkpointing = cfg.ac != "off"
+    c.train.gradient_checkpointing = {"off": False, "selective": "selective"}.get(cfg.ac, True)
     c.train.gradient_checkpointing_every = 2 if cfg.ac == "every2" else 1
-    model = build_sharded_model(c, info)
+    c.train.compile = cfg.compile
+    with contextlib.ExitStack() as stack:
+        if cfg.compile and spec.compile_backend != "inductor":  # --smoke: no C++ build
+            import engine.parallel
+            import engine.train
+
+            compile_fn = functools.partial(engine.parallel.apply_compile, backend=spec.compile_backend)
+            stack.enter_context(mock.patch.object(engine.train, "apply_compile", compile_fn))
+        model = build_sharded_model(c, info)
     if cfg.loss == "plain":
         model.loss_fn = default_loss_fn
     c.optim.lr_scheduler_type, c.optim.warmup_ratio = "constant", 0.0
@@ -143,6 +154,10 @@ def run_worker(spec: RunSpec) -> dict:
         out.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if out["status"] != "ok" and device.type == "cuda":
         out["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "cuda":  # what the caching allocator held at its peak (allocated + cached blocks)
+        out["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    if cfg.compile:
+        torch._dynamo.reset()  # in-process runs: the next configuration starts uncompiled
     if dist.is_initialized() and not had_group:  # in-process runs leave no process group behind
         dist.destroy_process_group()
     return out

@@ -1,5 +1,5 @@
 """bench_train's configurations and workload: which provider / layout / loss / checkpointing runs, and the
-micro-batches of every optimizer step (LongWriter-like documents packed by best-fit-decreasing, then laid
+micro-batches of every optimizer step (LongWriter-like documents packed by engine.data.pack_lengths, then laid
 out packed, padded or one document per micro-batch). See benchmarks/bench_train.py for the whole picture."""
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class BenchConfig:
     # engine: "triton" | "twin" (kernels impl="torch") | "plain" (logits + F.cross_entropy);
     # transformers: "plain" (its own loss) | "liger" (Liger's fused linear cross-entropy)
     loss: str = "plain"
-    ac: str = "off"  # "off" | "full" | "every2" (every k-th block, k=2; engine only)
+    # "off" | "full" | "every2" (every k-th block, k=2) | "selective" (op-level policy); the last two engine only
+    ac: str = "off"
+    compile: bool = False  # engine: torch.compile each block (--compile true)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -32,7 +34,7 @@ class BenchConfig:
 
     @property
     def mode(self) -> str:
-        return f"{self.layout} loss={self.loss} ac={self.ac}"
+        return f"{self.layout} loss={self.loss} ac={self.ac}" + (" compile" if self.compile else "")
 
     @property
     def name(self) -> str:
@@ -45,6 +47,8 @@ def cpu_configs() -> list[BenchConfig]:
         BenchConfig(E, "packed", "twin", "off"),
         BenchConfig(E, "packed", "plain", "off"),
         BenchConfig(E, "packed", "twin", "full"),
+        BenchConfig(E, "packed", "twin", "full", compile=True),
+        BenchConfig(E, "packed", "twin", "selective"),
         BenchConfig(E, "packed", "twin", "every2"),
         BenchConfig(E, "padded", "twin", "off"),
         BenchConfig(E, "bs1", "twin", "off"),
@@ -58,23 +62,33 @@ def cpu_configs() -> list[BenchConfig]:
 def gpu_configs() -> list[BenchConfig]:
     E, HF = "engine", "transformers"
     return [
-        BenchConfig(E, "packed", "triton", "full"),  # the goal configuration
+        BenchConfig(E, "packed", "triton", "full"),  # the goal configuration, eager
+        BenchConfig(E, "packed", "triton", "full", compile=True),  # and compiled
+        BenchConfig(HF, "packed", "plain", "full"),  # the baseline of the goal
+        BenchConfig("transformers+liger", "packed", "liger", "full"),
+        BenchConfig(E, "packed", "triton", "selective", compile=True),
         BenchConfig(E, "packed", "twin", "full"),
         BenchConfig(E, "packed", "plain", "full"),
         BenchConfig(E, "packed", "triton", "off"),
         BenchConfig(E, "packed", "triton", "every2"),
         BenchConfig(E, "padded", "triton", "full"),
         BenchConfig(E, "bs1", "triton", "full"),  # examples/longwriter_qwen2_7b.yaml's layout
-        BenchConfig(HF, "packed", "plain", "full"),  # the baseline of the goal
         BenchConfig(HF, "padded", "plain", "full"),
         BenchConfig(HF, "packed", "plain", "off"),
-        BenchConfig("transformers+liger", "packed", "liger", "full"),
     ]
+
+
+def core_configs(configs: list[BenchConfig], cuda: bool) -> list[BenchConfig]:
+    """--configs core: engine eager and compiled, transformers and transformers + Liger, all packed with
+    full checkpointing (the comparison of issue 12, a few minutes per shape on one GPU)."""
+    keep = {"engine": "triton" if cuda else "twin", "transformers": "plain", "transformers+liger": "liger"}
+    return [c for c in configs if c.layout == "packed" and c.ac == "full" and c.loss == keep[c.provider]]
 
 
 def smoke_configs() -> list[BenchConfig]:
     # The test suite's smoke run is the CPU quick mode itself (every one of its configurations, so each
-    # provider / layout / loss / checkpointing path is exercised), only at a tiny size and step count.
+    # provider / layout / loss / checkpointing / compile path is exercised), only at a tiny size and step
+    # count, and compiling with backend aot_eager (no C++ build).
     return cpu_configs()
 
 
@@ -91,16 +105,17 @@ class RunSpec:
     hf_dir: str | None = None  # HF checkpoint of the same random weights (transformers providers)
     threads: int | None = None
     nproc: int = 1  # > 1: the engine under torchrun, every rank on the same steps (per-device numbers)
+    compile_backend: str = "inductor"  # --smoke: "aot_eager"
 
 
 # ----------------------------------------------------------------------------------------------- workload
 def doc_lengths_pool(max_length: int, n_rows: int, seed: int) -> list[list[int]]:
-    """Rows (lists of document lengths) of a best-fit-decreasing packing of LongWriter-like lengths."""
+    """Rows (lists of document lengths) of an engine.data.pack_lengths packing of LongWriter-like lengths."""
     from benchmarks.bench_data import longwriter_lengths
     from engine.data import pack_lengths
 
     scale = max_length / REF_LENGTH
-    n_long = max(64, n_rows * 30)  # a pool of ~4x the rows needed: BFD fills rows to ~99% on a large pool
+    n_long = max(64, n_rows * 30)  # a pool of ~4x the rows needed: rows fill to ~99.9% on a large pool
     lengths = longwriter_lengths(n_long, n_long // 2, seed=seed)
     lengths = np.clip(np.round(lengths * scale), 8, max_length).astype(np.int64)
     plan = pack_lengths(lengths, max_length, seed=seed)

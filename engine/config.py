@@ -72,8 +72,13 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
     seed: int = 42
-    gradient_checkpointing: bool = True
+    # true (ms-swift's bool: full checkpointing of every k-th block), false, or "selective" (op-level:
+    # attention and every other matmul output kept; engine.parallel.apply_activation_checkpointing)
+    gradient_checkpointing: bool | str = field(default=True, metadata=_choices("true", "false", "selective"))
     gradient_checkpointing_every: int = 1  # checkpoint every k-th decoder layer
+    # micro-batches of fewer tokens (B x T) are not checkpointed: for unpacked rows of varying length
+    gradient_checkpointing_min_tokens: int = 0
+    compile: bool = False  # torch.compile each decoder block (inductor), after checkpointing, before FSDP
     neftune_noise_alpha: float = 0.0  # 0 = off
     # long-ce: every target token of a step weighs the same; sequence: every document (THUDM's pack loss);
     # mean: each micro-batch's token mean
@@ -170,6 +175,8 @@ def _convert(key: str, value: Any, where: str) -> Any:
     optional = False
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if args == [bool, str]:  # a bool or a named mode: true | false | <choice>
+            return _bool_or_choice(key, value, f.metadata["choices"], where)
         optional, tp = True, args[0]
     bad = ValueError(f"bad value {value!r} for '{key}' ({where}): expected {getattr(tp, '__name__', tp)}")
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
@@ -208,6 +215,16 @@ def _convert(key: str, value: Any, where: str) -> Any:
     if choices and out not in choices:
         raise ValueError(f"bad value {value!r} for '{key}' ({where}): choose one of {', '.join(choices)}")
     return out
+
+
+def _bool_or_choice(key: str, value: Any, choices: tuple[str, ...], where: str) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"bad value {value!r} for '{key}' ({where}): choose one of {', '.join(choices)}")
 
 
 def _load_file(path: str) -> dict[str, Any]:
@@ -266,7 +283,7 @@ def _parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
             continue
         tp = KEYS[key][2]
         if not values:
-            if tp is not bool:
+            if tp is not bool and tp != bool | str:
                 raise ValueError(f"flag --{key} needs a value")
             values = ["true"]
         is_list = typing.get_origin(tp) is list
@@ -320,6 +337,7 @@ def validate(cfg: Config) -> None:
     need(t.num_train_epochs > 0 or t.max_steps > 0, "num_train_epochs", "must be > 0 (or set max_steps)")
     need(t.max_steps == -1 or t.max_steps > 0, "max_steps", "must be -1 (use epochs) or > 0")
     need(t.gradient_checkpointing_every >= 1, "gradient_checkpointing_every", "must be >= 1")
+    need(t.gradient_checkpointing_min_tokens >= 0, "gradient_checkpointing_min_tokens", "must be >= 0")
     need(t.neftune_noise_alpha >= 0, "neftune_noise_alpha", "must be >= 0")
     need(t.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
     need(0 <= t.label_smoothing_factor < 1, "label_smoothing_factor", "must be in [0, 1)")

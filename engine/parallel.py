@@ -3,14 +3,16 @@ materialisation of a meta-device model into sharded parameters. Model files know
 
 Required order (as torchtitan's parallelize.py):
     build on meta -> apply_neftune (hooks, any time before training) -> apply_activation_checkpointing
-    -> apply_fsdp (AC wraps each block *before* fully_shard, so the FSDP unit is the checkpointed block and
-    its all-gather is redone inside the recompute) -> to_empty + load_full_tensors_ (a checkpoint's tensors, or
-    random_init_tensors, copied into the shards).
+    -> apply_compile -> apply_fsdp (AC wraps each block *before* compile, so the compiled graph holds the
+    checkpointed region; both before fully_shard, so the FSDP unit is the compiled, checkpointed block, its
+    hooks run outside the graph and its all-gather is redone before the recompute) -> to_empty +
+    load_full_tensors_ (a checkpoint's tensors, or random_init_tensors, copied into the shards).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import os
 import sys
@@ -147,23 +149,98 @@ def shutdown_distributed() -> None:
 
 
 # ---------------------------------------------------------------- activation checkpointing
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
+def apply_activation_checkpointing(
+    model: nn.Module, every: int = 1, *, selective: bool = False, min_tokens: int = 0
+) -> list[int]:
     """Wrap every `every`-th decoder block (0, k, 2k, ...) in a non-reentrant checkpoint; returns their ids.
 
-    Only each block's input is kept; its internals are recomputed in backward.
+    Full (default): only each block's input is kept; its internals are recomputed in backward.
+    selective: torchtitan's op-level policy (selective_checkpoint_policy): the outputs of attention and of
+    every other matmul are kept, the rest (elementwise ops, norms, the other matmuls) is recomputed.
+    min_tokens: a micro-batch of fewer tokens (B * T) is not checkpointed at all: for unpacked rows, whose
+    length varies, short ones keep their (small) activations instead of paying the recompute.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         checkpoint_wrapper,
     )
 
+    kwargs = {"context_fn": selective_checkpoint_contexts} if selective else {}
+    fn = functools.partial(_checkpoint_long, min_tokens=min_tokens, **kwargs)
     layers = model.model.layers
     wrapped = []
     for i in range(len(layers)):
         if i % every == 0:
-            layers[i] = checkpoint_wrapper(layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            layers[i] = checkpoint_wrapper(
+                layers[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=fn
+            )
             wrapped.append(i)
     return wrapped
+
+
+def _checkpoint_long(block: nn.Module, x: torch.Tensor, *args, min_tokens: int, **kwargs) -> torch.Tensor:
+    """Checkpoint the call of a block on x (B, T, H) unless it holds fewer than min_tokens tokens."""
+    from torch.utils.checkpoint import checkpoint
+
+    if x.shape[0] * x.shape[1] < min_tokens:
+        return block(x, *args)
+    return checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+
+
+# Matmuls of the blocks (nn.Linear dispatches as mm, or addmm with a bias) and attention forwards (SDPA's
+# backends, torch's varlen_attn, flash-attn), by op name so that a backend not installed needs no import.
+SAC_MATMULS = ("aten::mm", "aten::addmm")
+SAC_ATTENTION = ("aten::_scaled_dot_product", "aten::_flash_attention_forward", "torch_attn::_varlen_attn")
+
+
+def selective_checkpoint_policy(counts: dict):
+    """The policy of one checkpointed call: keep attention outputs and every other matmul output (the 1st,
+    3rd, ... of the block, in the same order in forward and in the recompute), recompute everything else.
+    Half the matmul recompute of full checkpointing for the memory of about half the matmul outputs."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        name = func._schema.name
+        if name.startswith(SAC_ATTENTION) or name.startswith("flash_attn::"):
+            return CheckpointPolicy.MUST_SAVE
+        if name in SAC_MATMULS:
+            mode = "recompute" if ctx.is_recompute else "forward"
+            counts[mode] = counts.get(mode, 0) + 1
+            return CheckpointPolicy.MUST_SAVE if counts[mode] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def selective_checkpoint_contexts():
+    """context_fn of torch.utils.checkpoint: a fresh matmul count for every checkpointed call."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(selective_checkpoint_policy({}))
+
+
+# ---------------------------------------------------------------- torch.compile
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder block (fullgraph: a graph break is an error, not a silent slowdown).
+
+    Blocks share their code, so one graph serves all of them (dynamo treats the parameters as inputs).
+    Packed micro-batches vary in length T and in document count, so those dimensions are marked dynamic
+    before the first call: one graph for every shape, plus at most one recompile when an int input
+    (max_seqlen, read by flash / varlen on GPU) first changes and becomes symbolic
+    (tests/train/test_train_compile.py counts the graphs).
+    """
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = torch.compile(layer, backend=backend, fullgraph=True)
+        layers[i].register_forward_pre_hook(_mark_dynamic)
+
+
+def _mark_dynamic(module: nn.Module, args: tuple) -> None:
+    x, rope, meta = args[:3]  # a block's (hidden (B, T, H), (cos, sin) (B, T, rd), AttnMeta)
+    for t in (x, *rope):
+        torch._dynamo.maybe_mark_dynamic(t, 1)  # T
+    if meta is not None and meta.cu_seqlens is not None:
+        torch._dynamo.maybe_mark_dynamic(meta.cu_seqlens, 0)  # documents + 1
 
 
 # ---------------------------------------------------------------- FSDP2
@@ -175,8 +252,16 @@ def apply_fsdp(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard each decoder block, then the root (embeddings, final norm, lm_head, the fused loss).
+    """fully_shard each decoder block, then [final norm, lm_head] as one unit, then the root (embeddings,
+    and with tied embeddings the norm and the output projection too), as torchtitan does.
 
+    - Blocks reshard after forward (reshard_after_forward), except the last, which backward needs at once.
+    - [norm, lm_head] stays gathered after forward (backward starts there) and the loss is computed inside
+      lm_head's forward (engine.models.model.LMHead), where its weight is gathered.
+    - The root keeps FSDP's default (no reshard after forward for the root): an explicit True would free
+      and re-gather embed + norm + lm_head (2.18 GB in bf16 at Qwen2-7B) at the start of every backward.
+    - cast_forward_inputs=False: the embedding output is already in the compute dtype, and a cast of every
+      block's inputs is a tree walk per block per micro-batch for nothing.
     Parameters stay fp32 (master weights; AdamW state is fp32 of the same shards). With param_dtype bf16 the
     all-gathered compute copy is bf16 and gradients are reduced in fp32. Gradient reduction is a plain SUM
     (divide factor 1): the long-ce loss is already divided by the global token count, and forcing SUM keeps
@@ -185,19 +270,18 @@ def apply_fsdp(
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if param_dtype == torch.float32:
-        mp = MixedPrecisionPolicy()  # fp32 runs: no casts at all
+        mp = MixedPrecisionPolicy(cast_forward_inputs=False)  # fp32 runs: no casts at all
     else:
-        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        mp = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+        )
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        # the last block is needed again at once by backward: keep it gathered (torchtitan does the same)
-        fully_shard(
-            layer,
-            mesh=mesh,
-            mp_policy=mp,
-            reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
-        )
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        last = i == len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
+    if model.lm_head is not None:  # tied: the output weight is the embedding's, which lives in the root
+        fully_shard([model.model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -276,30 +360,39 @@ def random_init_tensors(model: nn.Module, seed: int, std: float = 0.02):
 
 
 # ---------------------------------------------------------------- NEFTune
-def doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None) -> torch.Tensor:
-    """Lengths of the documents of a [B, T] batch in flattened order (cu_seqlens, else position_ids == 0,
-    else one document per row)."""
+def token_doc_lengths(shape: tuple[int, int], position_ids=None, cu_seqlens=None) -> torch.Tensor:
+    """(B*T,) int64: the length of the document each token of a [B, T] batch belongs to, from cu_seqlens,
+    else position_ids (a document starts at position 0 and at every row start), else one per row. Computed
+    where the inputs are, with static shapes: nothing is copied back to the host."""
+    from engine.models.attention import token_segments
+
     B, T = shape
     if cu_seqlens is not None:
-        return (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+        cu = cu_seqlens.long()
+        seg = token_segments(cu, B * T)
+        return cu[seg + 1] - cu[seg]
     if position_ids is not None:
-        starts = position_ids.reshape(-1).cpu() == 0
-        starts[::T] = True  # a row always starts a document
-        idx = torch.nonzero(starts).flatten()
-        return torch.diff(idx, append=torch.tensor([B * T]))
-    return torch.full((B,), T, dtype=torch.long)
+        starts = position_ids.reshape(B, T) == 0
+        starts[:, 0] = True  # a row always starts a document
+        seg = starts.flatten().long().cumsum(0) - 1  # (B*T,) document index of each token
+        counts = torch.zeros(B * T, dtype=torch.long, device=seg.device).index_add_(
+            0, seg, torch.ones_like(seg)
+        )
+        return counts[seg]
+    return torch.full((B * T,), T, dtype=torch.long)
 
 
-def neftune_scale(lengths: torch.Tensor, hidden: int, alpha: float) -> torch.Tensor:
-    """Per-token noise magnitude alpha / sqrt(L * d), L = the token's own document length: [sum(lengths)]."""
-    per_doc = alpha / torch.sqrt(lengths.double() * hidden)
-    return torch.repeat_interleave(per_doc, lengths).float()
+def neftune_scale(token_lengths: torch.Tensor, hidden: int, alpha: float) -> torch.Tensor:
+    """Per-token noise magnitude alpha / sqrt(L * d), L = the token's own document length (token_lengths,
+    one per token): float32, same shape."""
+    return alpha * torch.rsqrt(token_lengths.double() * hidden).float()
 
 
 def apply_neftune(model: nn.Module, alpha: float) -> list:
     """NEFTune (Jain et al. 2023): add Uniform(-1, 1) * alpha / sqrt(L * d) to the input embeddings while
     training. HF computes L from the padded row; with packing each document gets its own L, so a packed
-    document sees exactly the noise it would see alone. Returns the hook handles."""
+    document sees exactly the noise it would see alone. L comes from the batch's cu_seqlens on the device
+    (no copy back to the host per micro-batch). Returns the hook handles."""
     if alpha <= 0:
         return []
     seen: dict = {}
@@ -307,17 +400,16 @@ def apply_neftune(model: nn.Module, alpha: float) -> list:
     def capture(module, args, kwargs):
         # CausalLM.forward(input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, labels=None)
         names = ("input_ids", "position_ids", "cu_seqlens")
-        vals = {n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)}
-        seen["lengths"] = doc_lengths(
-            tuple(vals["input_ids"].shape), vals["position_ids"], vals["cu_seqlens"]
-        )
+        seen.update({n: (args[i] if i < len(args) else kwargs.get(n)) for i, n in enumerate(names)})
 
     def add_noise(module, inputs, output):
         if not module.training:
             return output
         B, T, H = output.shape  # (B, T, d)
-        scale = neftune_scale(seen["lengths"], H, alpha).to(output.device).view(B, T, 1)
-        noise = torch.rand(output.shape, device=output.device, dtype=torch.float32).mul_(2).sub_(1)
+        dev = output.device
+        pos, cu = (None if seen[n] is None else seen[n].to(dev) for n in ("position_ids", "cu_seqlens"))
+        scale = neftune_scale(token_doc_lengths((B, T), pos, cu).to(dev), H, alpha).view(B, T, 1)
+        noise = torch.rand(output.shape, device=dev, dtype=torch.float32).mul_(2).sub_(1)
         return output + (noise * scale).to(output.dtype)
 
     return [

@@ -24,12 +24,20 @@ def all_reduce_floats(values: list[float], device, op=dist.ReduceOp.SUM) -> list
 
 
 def to_device(mb: dict, device) -> dict:
+    """The micro-batch's tensors on the device (pinned first on CUDA, so the copies are truly asynchronous);
+    max_seqlen stays a host int. Nothing of it ever comes back to the host during the step."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if torch.device(device).type == "cuda":
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
     return {
-        "input_ids": mb["input_ids"].to(device, non_blocking=True),
-        "position_ids": mb["position_ids"].to(device, non_blocking=True),
-        "cu_seqlens": mb["cu_seqlens"],  # stays on the host (contract of engine.models)
+        "input_ids": move(mb["input_ids"]),
+        "position_ids": move(mb["position_ids"]),
+        "cu_seqlens": move(mb["cu_seqlens"]),
         "max_seqlen": mb["max_seqlen"],
-        "labels": mb["labels"].to(device, non_blocking=True),
+        "labels": move(mb["labels"]),
     }
 
 

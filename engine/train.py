@@ -53,6 +53,7 @@ from engine.optim import build_optimizer, build_scheduler
 from engine.parallel import (
     DistInfo,
     apply_activation_checkpointing,
+    apply_compile,
     apply_fsdp,
     apply_neftune,
     init_distributed,
@@ -68,12 +69,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_sharded_model(cfg: Config, info: DistInfo, *, source: str | None = None, frozen: bool = False):
-    """Meta-device build -> NEFTune hooks -> activation checkpointing -> FSDP2 -> materialise the shards
-    (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name).
+    """Meta-device build -> NEFTune hooks -> activation checkpointing -> compile -> FSDP2 -> materialise the
+    shards (pretrained tensors streamed from the HF directory, or a seeded random init for a flavour name).
 
     frozen (the DPO reference, from `source`): no NEFTune, no checkpointing (it runs under no_grad), no
-    gradients; shards stored in the compute dtype, which FSDP would gather anyway (the same values as the
-    policy's fp32 master weights cast at each all-gather, at half the memory for bf16)."""
+    compile, no gradients; shards stored in the compute dtype, which FSDP would gather anyway (the same
+    values as the policy's fp32 master weights cast at each all-gather, at half the memory for bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import kernels
@@ -101,7 +102,12 @@ def build_sharded_model(cfg: Config, info: DistInfo, *, source: str | None = Non
     else:
         apply_neftune(model, t.neftune_noise_alpha)
         if t.gradient_checkpointing:
-            apply_activation_checkpointing(model, every=t.gradient_checkpointing_every)
+            apply_activation_checkpointing(
+                model, every=t.gradient_checkpointing_every, selective=t.gradient_checkpointing == "selective",
+                min_tokens=t.gradient_checkpointing_min_tokens,
+            )  # fmt: skip
+        if t.compile:
+            apply_compile(model)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     apply_fsdp(model, mesh, param_dtype=DTYPES[cfg.model.torch_dtype])
     model.to_empty(device=info.device)
@@ -288,7 +294,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
     tokens_per_mb = t.batch_size * cfg.data.max_length
     plan = plan_memory(
         model.args, world_size=info.world_size, tokens_per_micro_batch=tokens_per_mb,
-        param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=t.gradient_checkpointing,
+        param_dtype=DTYPES[cfg.model.torch_dtype], gradient_checkpointing=bool(t.gradient_checkpointing),
         checkpoint_every=t.gradient_checkpointing_every, fused_loss=cfg.model.loss_impl != "torch",
         reference=None if cfg.rlhf.rlhf_type is None else "precomputed" if cfg.rlhf.precompute_ref_log_probs
         else "resident",
@@ -309,6 +315,11 @@ def train(cfg: Config, *, on_step=None) -> dict:
     log.write(
         f"train data: {train_loader.dataset.summary()}, packing efficiency {train_loader.packing_efficiency():.4f}"
     )
+    if info.world_size > 1:  # what dealing micro-batches by cost leaves (engine.data.loader.cost_spread)
+        spread = train_loader.cost_spreads(train_loader.epoch)
+        log.write(
+            f"rank cost spread (slowest rank over the mean): mean {spread.mean():.2%}, max {spread.max():.2%}"
+        )
     if val_loader is not None:
         log.write(f"val data: {val_loader.dataset.summary()}")
 
@@ -378,7 +389,7 @@ def train(cfg: Config, *, on_step=None) -> dict:
                     "step": step, "epoch": round(step / steps_per_epoch, 4), **res["metrics"], "lr": lr,
                     "grad_norm": grad_norm, "tokens": res["tokens"],
                     **throughput(model.args, res, rows, dt, info.world_size, peak), "step_time_s": dt,
-                    **memory_record(device),
+                    **memory_record(device), "rank_cost_spread": round(train_loader.last_cost_spread, 5),
                 }  # fmt: skip
                 if not finite:
                     record["skipped"] = True

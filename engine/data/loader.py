@@ -2,10 +2,20 @@
 
 The epoch plan (packed rows, or one row per sample when packing=False) depends only on (seed, epoch,
 sample lengths, max_length). Optimizer step k takes plan rows [k * G, (k + 1) * G) with
-G = world_size * gradient_accumulation_steps * batch_size; only then are those G rows dealt out:
-sorted by token count (so rows of similar length share a micro-batch and padding stays small), cut into
-micro-batches of batch_size rows, and micro-batch j goes to rank j % world_size as accumulation step
-j // world_size. So 1x4, 2x2 and 4x1 (ranks x accumulation) see the same documents in step k.
+G = world_size * gradient_accumulation_steps * batch_size; only then are those G rows dealt out
+(deal_rows): sorted by token count and cut into micro-batches of batch_size rows (so rows of similar
+length share a micro-batch and padding stays small), the micro-batches sorted by estimated cost, and
+micro-batch j goes to rank j % world_size as accumulation step j // world_size. So 1x4, 2x2 and 4x1
+(ranks x accumulation) see the same documents in step k, and the micro-batches that the ranks run at the
+same time (every FSDP collective waits for the slowest) cost about the same.
+
+Cost of a micro-batch, in matmul-token equivalents: its B * T tokens (padding included) plus
+ATTENTION_WEIGHT x the sum of its documents' (and padding segments') squared lengths. The weight is the
+FLOP ratio of causal attention to the matmuls (engine.metrics.step_flops): n_layers * d_q / matmul
+parameters, 1.42e-5 for Qwen2-7B, 1.74e-5 for GLM-4-9B, 4.4e-5 for Qwen2.5-0.5B; flash attention runs at
+a lower FLOP rate than the GEMMs, which the default (2e-5) leans towards. What balancing leaves is
+measured per step (cost_spread: the slowest rank's excess over the mean, summed over accumulation
+steps) and simulated at 8 ranks by benchmarks.bench_data.
 
 Last partial step (fewer than G rows left): with drop_last=False it is kept and completed with filler
 rows (padding only, every label -100), so every rank runs the same number of micro-batches and no
@@ -29,10 +39,42 @@ from engine.data.packing import collate_rows, pack_lengths, packing_efficiency
 logger = logging.getLogger(__name__)
 
 FILLER = -1
+ATTENTION_WEIGHT = 2e-5  # cost of a document of L tokens: L + ATTENTION_WEIGHT * L^2 (module docstring)
 
 
 def _identity(x):
     return x
+
+
+def deal_rows(
+    rows: list[list[int]],
+    lengths: np.ndarray,
+    batch_size: int,
+    pad_length: int | None,
+    attention_weight: float = ATTENTION_WEIGHT,
+) -> tuple[list[list[int]], list[float]]:
+    """One step's rows -> micro-batches (lists of row positions) in dealing order, and their costs.
+
+    Micro-batch j goes to rank j % world as accumulation step j // world: after the sort by cost, the
+    `world` micro-batches that run at the same time are neighbours in cost. Only lengths are read."""
+    docs = [[] if row == [FILLER] else lengths[row].tolist() for row in rows]
+    sizes = np.array([sum(d) for d in docs])
+    order = np.argsort(-sizes, kind="stable")
+    micro = [order[j : j + batch_size].tolist() for j in range(0, len(order), batch_size)]
+    costs = []
+    for m in micro:
+        T = pad_length or max(1, int(sizes[m].max()))  # collate_rows pads every row to T
+        square = sum(n * n for i in m for n in docs[i]) + sum((T - int(sizes[i])) ** 2 for i in m)
+        costs.append(len(m) * T + attention_weight * square)
+    by_cost = np.argsort(-np.array(costs), kind="stable").tolist()
+    return [micro[j] for j in by_cost], [costs[j] for j in by_cost]
+
+
+def cost_spread(costs: list[float], world: int) -> float:
+    """Time lost to waiting in one step: sum over accumulation steps of the slowest rank's cost, over the
+    sum of the mean cost, minus 1 (0 = perfectly balanced). costs in dealing order (deal_rows)."""
+    groups = np.asarray(costs, dtype=np.float64).reshape(-1, world)  # (accumulation steps, ranks)
+    return float(groups.max(1).sum() / max(groups.mean(1).sum(), 1e-12) - 1.0)
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -41,27 +83,29 @@ class _StepBatches(torch.utils.data.Dataset):
     def __init__(self, loader: StepLoader, epoch: int):
         self.dataset = loader.dataset
         self.steps = loader._steps(epoch)
-        self.loader_cfg = (loader.batch_size, loader.world_size, loader.rank, loader.pad_length)
+        self.deal_args = (loader.lengths, loader.batch_size, loader.pad_length, loader.attention_weight)
+        self.rank_of = (loader.rank, loader.world_size)
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __getitem__(self, k: int) -> list[dict]:
-        batch_size, world, rank, pad_length = self.loader_cfg
-        rows = [row if row != [FILLER] else [] for row in self.steps[k]]
-        # a sample's documents (a DPO pair's chosen and rejected) stay together, in order, in one row
-        docs = [[d for i in row for d in self.dataset.documents(i)] for row in rows]
-        sizes = np.array([sum(len(d[0]) for d in r) for r in docs])
-        order = np.argsort(-sizes, kind="stable")
-        micro = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
-        out = []
-        for m in micro[rank::world]:
-            mb = collate_rows([docs[i] for i in m], length=pad_length, pad_token_id=self.dataset.pad_token_id)
-            mb["samples"] = [s for i in m for s in rows[i]]  # sample index of each document group, in order
-            for name, values in getattr(self.dataset, "sample_arrays", {}).items():
+        rank, world = self.rank_of
+        rows = self.steps[k]
+        micro = deal_rows(rows, *self.deal_args)[0][rank::world]  # this rank's micro-batches, in order
+        pad, pad_length = self.dataset.pad_token_id, self.deal_args[2]
+        arrays = getattr(self.dataset, "sample_arrays", {})
+        batches = []
+        for m in micro:  # only this rank's documents are read
+            samples = [rows[j] if rows[j] != [FILLER] else [] for j in m]
+            # a sample's documents (a DPO pair's chosen and rejected) stay together, in order, in one row
+            docs = [[d for i in row for d in self.dataset.documents(i)] for row in samples]
+            mb = collate_rows(docs, length=pad_length, pad_token_id=pad)
+            mb["samples"] = [i for row in samples for i in row]  # sample of each document group, in order
+            for name, values in arrays.items():
                 mb[name] = torch.from_numpy(values[mb["samples"]])
-            out.append(mb)
-        return out
+            batches.append(mb)
+        return batches
 
 
 class StepLoader:
@@ -79,8 +123,10 @@ class StepLoader:
         num_workers: int = 0,
         drop_last: bool = False,
         pad_to: str = "longest",
+        attention_weight: float = ATTENTION_WEIGHT,
     ):
-        """pad_to: "longest" (micro-batch padded to its longest row) or "max_length" (fixed shapes)."""
+        """pad_to: "longest" (micro-batch padded to its longest row) or "max_length" (fixed shapes).
+        attention_weight: the L^2 weight of the cost by which micro-batches are dealt (module docstring)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if batch_size < 1 or gradient_accumulation_steps < 1:
@@ -109,6 +155,8 @@ class StepLoader:
         self.num_workers = num_workers
         self.drop_last = drop_last
         self.pad_length = max_length if pad_to == "max_length" else None
+        self.attention_weight = attention_weight
+        self.last_cost_spread = 0.0  # of the step last handed out (cost_spread)
         self.global_batch = world_size * gradient_accumulation_steps * batch_size
         self.epoch = 0
         self._next_step = 0
@@ -157,6 +205,13 @@ class StepLoader:
             steps.append(rows + [[FILLER]] * (G - len(rows)))
         return steps
 
+    def deal(self, rows: list[list[int]]) -> tuple[list[list[int]], list[float]]:
+        return deal_rows(rows, self.lengths, self.batch_size, self.pad_length, self.attention_weight)
+
+    def cost_spreads(self, epoch: int) -> np.ndarray:
+        """cost_spread of every step of the epoch (the same on every rank)."""
+        return np.array([cost_spread(self.deal(rows)[1], self.world_size) for rows in self._steps(epoch)])
+
     def steps_in_epoch(self, epoch: int) -> int:
         n = len(self._plan(epoch))
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
@@ -198,6 +253,7 @@ class StepLoader:
                 self.epoch, self._next_step = epoch + 1, 0
             else:
                 self.epoch, self._next_step = epoch, k + 1
+            self.last_cost_spread = cost_spread(self.deal(view.steps[k])[1], self.world_size)
             yield micro_batches
 
     # -- resume -------------------------------------------------------------------------------------

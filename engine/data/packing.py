@@ -1,12 +1,13 @@
 """Packing documents into rows of at most max_length tokens, and collating rows into micro-batches.
 
-The plan is best-fit decreasing (each document, longest first, goes to the open row whose free space it
-fills most tightly), which on LongWriter-like lengths leaves < 1% of the capacity empty because the
-many short documents fill the gaps the long ones leave. Lengths are sorted in coarse buckets with a
-random order inside each bucket drawn from (seed, epoch) (falling back to the exact sort when that
-needs more rows), and the finished rows and the documents inside each row are shuffled with the same
-generator: the plan is deterministic per (seed, epoch), and documents meet different neighbours each
-epoch.
+The plan fills one row at a time, as exactly as the lengths allow: a row starts with one of the longest
+documents left (drawn at random within 1/8 of the longest, so long documents never wait for the end),
+then takes documents that leave room for at least the shortest one left, and closes the moment one
+document, or a pair, fills the rest exactly. On LongWriter-like lengths nearly every row is full to the
+token, so the plan has at most ceil(total tokens / max_length) + 1 rows (tests/data/test_data_packing.py
+asserts it on several mixtures). Every random choice comes from a generator seeded by (seed, epoch):
+the plan is deterministic per (seed, epoch), and documents meet different neighbours each epoch. The
+rows, and the documents inside each row, are shuffled with the same generator.
 """
 
 from __future__ import annotations
@@ -45,47 +46,63 @@ def pack_lengths(
             "delete or truncate over-long samples before packing"
         )
     rng = _rng(seed, epoch)
-    tiebreak = rng.permutation(n)
-    # Exact best-fit decreasing packs tightest, but with few equal lengths it puts the same documents
-    # together every epoch. Sorting by coarse length buckets (random order inside a bucket) changes the
-    # groups from epoch to epoch; keep the coarsest bucketing that needs no more rows than the exact plan.
-    rows = _best_fit(lengths, np.lexsort((tiebreak, -lengths)), max_length)
-    for bucket in (max_length // 112, max_length // 448):
-        if bucket > 1:
-            coarse = _best_fit(lengths, np.lexsort((tiebreak, -(lengths // bucket))), max_length)
-            if len(coarse) <= len(rows):
-                rows = coarse
-                break
-
-    # Shuffle rows, and documents within each row, so neither order follows the sort.
+    rows = _fill_rows(lengths, max_length, rng)
+    # Shuffle rows, and documents within each row, so neither order follows the filling.
     key = rng.permutation(n)
     rows = [sorted(r, key=key.__getitem__) for r in rows]
     return [rows[j] for j in rng.permutation(len(rows)).tolist()]
 
 
-def _best_fit(lengths: np.ndarray, order: np.ndarray, max_length: int) -> list[list[int]]:
-    """Put each document (in `order`) into the open row whose free space it fills most tightly."""
-    smallest = int(lengths.min())
+def _fill_rows(lengths: np.ndarray, max_length: int, rng: np.random.Generator) -> list[list[int]]:
+    """Rows filled one after the other (module docstring); each document is taken exactly once."""
+    count = np.bincount(lengths, minlength=max_length + 1)  # documents left of each length
+    stacks: dict[int, list[int]] = {}  # length -> its documents left, in a random order
+    for i in rng.permutation(len(lengths)).tolist():
+        stacks.setdefault(int(lengths[i]), []).append(i)
+    sizes = sorted(stacks)  # the lengths that still have a document, ascending
+
+    def take(size: int) -> int:
+        count[size] -= 1
+        if count[size] == 0:
+            del sizes[bisect.bisect_left(sizes, size)]
+        return stacks[size].pop()
+
+    def largest_upto(g: int) -> int:  # the longest length left that is <= g (some is: sizes[0] <= g)
+        return sizes[bisect.bisect_right(sizes, g) - 1]
+
+    def exact_pair(g: int) -> int | None:
+        """A length a such that a + (g - a) == g with both documents left, drawn at random, or None."""
+        a = np.flatnonzero(count[: g + 1])  # (k,) lengths left <= g
+        b = g - a
+        ok = (a <= b) & (count[b] > 0) & ((a != b) | (count[a] >= 2))
+        hits = np.flatnonzero(ok)
+        return int(a[hits[rng.integers(len(hits))]]) if len(hits) else None
+
     rows: list[list[int]] = []
-    # Open rows sorted by free space: free[k] is the space of row open_ids[k] (parallel lists for bisect).
-    free: list[int] = []
-    open_ids: list[int] = []
-    for i in order.tolist():
-        size = int(lengths[i])
-        k = bisect.bisect_left(free, size)
-        if k < len(free):  # tightest open row that still fits
-            row_id = open_ids.pop(k)
-            space = free.pop(k) - size
-            rows[row_id].append(i)
-        else:
-            row_id = len(rows)
-            rows.append([i])
-            space = max_length - size
-        # A row with less space than the shortest document can never take another one: close it.
-        if space >= smallest:
-            k = bisect.bisect_left(free, space)
-            free.insert(k, space)
-            open_ids.insert(k, row_id)
+    while sizes:
+        top = sizes[-1]
+        first = bisect.bisect_left(sizes, top - top // 8)
+        size = sizes[first + int(rng.integers(len(sizes) - first))]
+        row, g = [take(size)], max_length - size  # g: the row's free tokens
+        while sizes and sizes[0] <= g:
+            if count[g]:  # one document fills the row exactly
+                row.append(take(g))
+                break
+            if g <= 2 * largest_upto(g) and (a := exact_pair(g)) is not None:  # two fill it exactly
+                row += [take(a), take(g - a)]
+                break
+            # Else a document that leaves room for the shortest one left, drawn among those between half
+            # that room and all of it (few documents per row, different neighbours every epoch); failing
+            # that the longest that fits (the row then closes with fewer free tokens than any document).
+            room = g - sizes[0]
+            lo, hi = bisect.bisect_left(sizes, max(sizes[0], room // 2)), bisect.bisect_right(sizes, room)
+            if hi > lo:
+                a = sizes[lo + int(rng.integers(hi - lo))]
+            else:
+                a = sizes[hi - 1] if hi > 0 else largest_upto(g)
+            row.append(take(a))
+            g -= a
+        rows.append(row)
     return rows
 
 

@@ -141,6 +141,11 @@ FLAVOURS: dict[str, ModelArgs] = {
         num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True, max_position_embeddings=32768,
         eos_token_ids=(151643,), bos_token_id=151643,
     ),
+    "qwen2.5-1.5b": _qwen2(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+        num_kv_heads=2, rms_norm_eps=1e-6, rope_theta=1e6, tie_embeddings=True, max_position_embeddings=32768,
+        eos_token_ids=(151643,), bos_token_id=151643,
+    ),
     # meta-llama/Llama-3.1-8B(-Instruct); THUDM/LongWriter-llama3.1-8b has the same shape.
     "llama3.1-8b": _llama(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,

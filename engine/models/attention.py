@@ -10,7 +10,7 @@ Documents are given by cu_seqlens over the flattened B*T tokens; a document neve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +28,23 @@ def resolve_attn_impl(impl: str, device: torch.device, dtype: torch.dtype) -> st
     return resolve_auto(device, dtype) if impl == "auto" else impl
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttnMeta:
-    """Per-forward attention metadata, built once by the model and shared by every block."""
+    """Attention metadata of one forward, built once by the model before the blocks and only read inside
+    them: nothing is written into it or cached on it from inside a block (a write there, inside a
+    checkpointed region, breaks torch.compile), and building it copies nothing back to the host."""
 
     impl: str  # as requested ("auto" is resolved per call from the dtype/device q actually has)
-    # int32 (n_docs + 1,) on the CPU; None means every row of the batch is one causal document.
+    # int32 (segments + 1,) boundaries over the flattened B*T tokens, on the compute device (flash / varlen
+    # read them there; the sdpa twin on CPU reads them as host ints). None: every row is one document.
     cu_seqlens: torch.Tensor | None
-    max_seqlen: int
-    B: int = 0
-    T: int = 0
-    # The boundaries on the compute device (flash / varlen kernels read them there); copied once, lazily.
-    _cu_device: torch.Tensor | None = field(default=None, repr=False)
-
-    def cu_seqlens_on(self, device: torch.device) -> torch.Tensor:
-        if self._cu_device is None or self._cu_device.device != device:
-            cu = self.cu_seqlens
-            if cu is None:  # plain rows: one document per row
-                cu = torch.arange(0, self.B * self.T + 1, self.T, dtype=torch.int32)
-            self._cu_device = cu.to(device, non_blocking=True)
-        return self._cu_device
+    max_seqlen: int  # a host int (the loader's), so no kernel launch has to read it back from the device
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Document boundaries over the flattened (B, T) positions: a document starts where the position is 0
-    and at every row start. Needs the positions on the host (a device sync when they are on the GPU)."""
+    and at every row start. Reads the positions on the host (a device sync when they are on the GPU): the
+    training path passes the loader's cu_seqlens instead."""
     B, T = position_ids.shape
     starts = position_ids.detach().cpu().flatten() == 0
     starts[::T] = True  # rows never continue into each other
@@ -60,11 +52,19 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, torch.tensor([B * T])]).to(torch.int32)
 
 
+def token_segments(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(n_tokens,) int64: the index of the segment of cu_seqlens each token belongs to, computed where
+    cu_seqlens is (a searchsorted of static shape: no host sync, traceable by torch.compile)."""
+    tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    # no slice of cu_seqlens: torch.compile would specialise on its length being 1 (one document)
+    return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
+
+
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    cu = cu_seqlens.to(torch.int64)
-    lengths = cu[1:] - cu[:-1]
-    starts = torch.repeat_interleave(cu[:-1], lengths)
-    return (torch.arange(B * T) - starts).view(B, T)
+    """(B, T) positions restarting at 0 at every boundary, on cu_seqlens' device (no host sync)."""
+    cu = cu_seqlens.long()
+    tokens = torch.arange(B * T, device=cu.device)
+    return (tokens - cu[token_segments(cu, B * T)]).view(B, T)
 
 
 def make_attn_meta(
@@ -73,26 +73,34 @@ def make_attn_meta(
     T: int,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
+    device: torch.device | None = None,
 ) -> AttnMeta:
-    """The impl is resolved in each block from q's own device and dtype (under FSDP mixed precision the
-    compute dtype is the block's, not necessarily that of the root's parameters)."""
+    """Once per forward, outside the blocks: cu_seqlens moved to `device` (default: where it is), int32.
+
+    The boundaries are checked only when they are on the host (free there); on a device the loader's
+    values are trusted, since a check would read them back. max_seqlen=None is derived from them, which
+    on a device costs a sync: the training path passes the loader's host int. The impl is resolved in
+    each block from q's own device and dtype (under FSDP mixed precision the compute dtype is the
+    block's, not necessarily that of the root's parameters)."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
-    if cu_seqlens is not None:
+    if cu_seqlens is None:
+        return AttnMeta(impl, None, T if max_seqlen is None else max_seqlen)
+    if cu_seqlens.device.type == "cpu":
         cu_seqlens = cu_seqlens.to(torch.int32)
-        if cu_seqlens.device.type != "cpu":
-            cu_seqlens = cu_seqlens.cpu()  # contract: CPU; tolerate device tensors at the cost of a sync
         if cu_seqlens[0] != 0 or cu_seqlens[-1] != B * T:
             raise ValueError(f"cu_seqlens must start at 0 and end at B*T={B * T}, got {cu_seqlens.tolist()}")
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return AttnMeta(impl, cu_seqlens, T if max_seqlen is None else max_seqlen, B, T)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu_seqlens = cu_seqlens.to(device or cu_seqlens.device, torch.int32, non_blocking=True)
+    return AttnMeta(impl, cu_seqlens, max_seqlen)
 
 
 def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """q (N, nh, hd), k/v (N, nkv, hd) with N = B*T; causal SDPA run on each document alone."""
+    """q (N, nh, hd), k/v (N, nkv, hd) with N = B*T; causal SDPA run on each document alone. Reads the
+    boundaries as host ints: free for CPU tensors, one sync per call on a GPU (the fp32 fallback there)."""
     outs = []
-    bounds = cu_seqlens.tolist()  # a host tensor: no device sync
+    bounds = cu_seqlens.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e == s:
             continue
@@ -100,6 +108,17 @@ def sdpa_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
         od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
         outs.append(od[0].transpose(0, 1))  # (L, nh, hd)
     return torch.cat(outs, dim=0)
+
+
+def sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The same attention as sdpa_varlen in one SDPA call over all N tokens with a block-diagonal causal
+    (N, N) mask: what torch.compile traces for the sdpa twin, since a graph cannot loop over boundaries
+    read on the host. O(N^2) memory: for CPU-sized rows (on a GPU, compile traces flash / varlen)."""
+    seg = token_segments(cu_seqlens, q.shape[0])  # (N,) document of each token
+    mask = (seg[:, None] == seg[None, :]).tril()  # (N, N): same document, key not after query
+    q1, k1, v1 = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, nh|nkv, N, hd)
+    o = F.scaled_dot_product_attention(q1, k1, v1, attn_mask=mask, enable_gqa=True)  # (1, nh, N, hd)
+    return o[0].transpose(0, 1)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
@@ -114,9 +133,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
         return o.transpose(1, 2)
     qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*T, nh|nkv, hd)
     if impl == "sdpa":
-        return sdpa_varlen(qf, kf, vf, meta.cu_seqlens).view(B, T, nh, hd)
+        twin = sdpa_masked if torch.compiler.is_compiling() else sdpa_varlen
+        return twin(qf, kf, vf, meta.cu_seqlens).view(B, T, nh, hd)
+    cu = meta.cu_seqlens
+    if cu is None:  # one document per row (built here on the device: nothing to copy)
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=q.device)
     fn = kernel(impl, q.device, q.dtype)  # loaded and checked once; ValueError naming why it cannot run
-    o = fn(qf, kf, vf, meta.cu_seqlens_on(q.device), meta.max_seqlen)
+    o = fn(qf, kf, vf, cu, meta.max_seqlen)
     return o.view(B, T, nh, hd)
 
 

@@ -1,7 +1,8 @@
 """CausalLM: embedding -> decoder blocks -> final norm -> output projection, for every architecture.
 
-Only architecture lives here: FSDP, activation checkpointing and the fused loss kernel are applied from
-outside (the trainer wraps each of .model.layers and may replace .loss_fn).
+Only architecture lives here: FSDP, activation checkpointing, compile and the fused loss kernel are applied
+from outside (the trainer wraps each of .model.layers, shards [.model.norm, .lm_head] as one unit and
+replaces .loss_fn).
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ def default_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """Sum of token cross-entropies; same as F.cross_entropy((hidden @ weight.T).float(), labels, "sum")."""
     logits = F.linear(hidden, weight).float()  # (N, V)
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+class LMHead(nn.Linear):
+    """The output projection (V, H). Given labels, its forward returns loss_fn(hidden, weight, labels): the
+    loss is computed inside this module's forward because under FSDP2 that is where its weight is gathered
+    (engine.parallel.apply_fsdp makes [final norm, lm_head] one unit that stays gathered for backward)."""
+
+    def forward(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, loss_fn: Callable | None = None
+    ) -> torch.Tensor:
+        if labels is None:
+            return F.linear(hidden, self.weight)  # (B, T, V)
+        return loss_fn(hidden.flatten(0, 1), self.weight, labels.flatten())
 
 
 class DecoderStack(nn.Module):
@@ -76,10 +90,10 @@ class CausalLM(nn.Module):
         self.args = args
         self.attn_impl = attn_impl
         self.model = DecoderStack(args)
-        # Tied models have no lm_head module: the output projection reads the embedding matrix.
-        self.lm_head = (
-            None if args.tie_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        )
+        # Tied models have no lm_head module: the output projection reads the embedding matrix (and the
+        # loss is computed in this root forward, where FSDP has gathered it).
+        self.lm_head = None if args.tie_embeddings else LMHead(args.hidden_size, args.vocab_size, bias=False)
+        # (hidden (N, H), weight (V, H), labels (N,)) -> loss; any reduction ("none": per-token losses)
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = default_loss_fn
 
     @property
@@ -94,16 +108,24 @@ class CausalLM(nn.Module):
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits (B, T, V) without labels, else loss_fn(hidden, output weight, labels) over the B*T tokens.
+
+        Packed rows: give cu_seqlens (int32, over the flattened tokens) and max_seqlen (a host int). No
+        path copies anything back from the device when both are given (position_ids, when absent, are
+        derived on the device); position_ids alone make the boundaries be read on the host (a sync)."""
         B, T = input_ids.shape
         dev = input_ids.device
-        if position_ids is None and cu_seqlens is not None:
-            position_ids = position_ids_from_cu_seqlens(cu_seqlens, B, T).to(dev)
+        if cu_seqlens is not None:
+            if position_ids is None:
+                position_ids = position_ids_from_cu_seqlens(cu_seqlens.to(dev, non_blocking=True), B, T)
         elif position_ids is None:
             position_ids = torch.arange(T, device=dev).expand(B, T)
-        elif cu_seqlens is None:
+        else:
             cu_seqlens = cu_seqlens_from_position_ids(position_ids)
-        meta = make_attn_meta(self.attn_impl, B, T, cu_seqlens, max_seqlen)
+        meta = make_attn_meta(self.attn_impl, B, T, cu_seqlens, max_seqlen, dev)
         hidden = self.model(input_ids, position_ids, meta)  # (B, T, H)
+        if self.lm_head is not None:
+            return self.lm_head(hidden, labels, self.loss_fn)
         if labels is None:
             return F.linear(hidden, self.output_weight)  # (B, T, V)
         return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())

@@ -9,7 +9,7 @@ from benchmarks import bench_train
 from benchmarks.common import CSV_FIELDS
 from benchmarks.train_workload import cpu_configs
 
-METRICS = {"tokens_per_s", "step_time", "mfu_row", "mfu_doc", "peak_memory", "loss_step1"}
+METRICS = {"tokens_per_s", "step_time", "mfu_causal", "mfu_full_attn", "peak_memory", "loss_step1"}
 
 
 def test_bench_train_smoke_runs_the_quick_mode_set(tmp_path, capsys):
@@ -47,3 +47,24 @@ def test_bench_train_plan_qwen2_7b(tmp_path):
     assert bench_train.main(argv) == 0
     text = (tmp_path / "qwen2_7b_plan.md").read_text()
     assert "full AC, fused loss (the recipe)" in text and "tokens/s per GPU" in text
+
+
+def test_core_configs_and_budget(tmp_path, capsys):
+    """--configs core is issue 12's comparison; --budget_s starts no configuration without the time left
+    for it (a budget of 1 s: every one is skipped, and the run still writes its report)."""
+    from benchmarks.train_workload import core_configs, gpu_configs
+
+    assert [c.name for c in core_configs(gpu_configs(), cuda=True)] == [
+        "engine packed loss=triton ac=full",
+        "engine packed loss=triton ac=full compile",
+        "transformers packed loss=plain ac=full",
+        "transformers+liger packed loss=liger ac=full",
+    ]
+    argv = ["--smoke", "--configs", "core", "--budget_s", "1", "--results-dir", str(tmp_path)]
+    assert bench_train.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped") == 3 and "--budget_s" in printed
+    assert (
+        "| engine packed loss=twin ac=full compile | skipped: --budget_s"
+        in next(tmp_path.glob("*.md")).read_text()
+    )

@@ -56,6 +56,23 @@ def test_plan_invariants(case):
         assert plan == []
 
 
+# LongWriter-like mixtures: long replies alone, and mixed with short chat samples in several ratios;
+# "1:20_full" is benchmarks.bench_data's largest mix (6,000 long + 120,000 short), where best-fit
+# decreasing needed ceil(total / max_length) + 7 rows.
+MIXES = {"long_only": (2000, 0), "1:20": (1000, 20000), "20:1": (2000, 100), "1:1": (1000, 1000),
+         "1:20_full": (6000, 120000)}  # fmt: skip
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_rows_within_one_of_the_lower_bound(mix):
+    n_long, n_short = MIXES[mix]
+    for seed, epoch in ((0, 0), (1, 3)):
+        lengths = longwriter_like(n_long, n_short, seed)
+        plan = pack_lengths(lengths, MAX, seed=seed, epoch=epoch)
+        check_plan(lengths, plan, MAX)
+        assert len(plan) <= -(-int(lengths.sum()) // MAX) + 1
+
+
 def test_efficiency_and_epoch_reshuffle():
     lengths = longwriter_like(2000, 40000, 7)
     plan0 = pack_lengths(lengths, MAX, seed=0, epoch=0)

@@ -10,10 +10,9 @@ pytorch#162338), so the summed gradient is d(global sum / global count).
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_testlib import run_on_gloo_ranks
 from torch import nn
 
-from engine.parallel import shutdown_distributed
 from kernels import linear_cross_entropy
 
 V, H, B, T = 96, 16, 4, 10
@@ -27,8 +26,9 @@ class LMHeadWithLoss(nn.Linear):
 
 
 class TinyLM(nn.Module):
-    """head_unit=True: lm_head is its own FSDP unit and returns the loss.  False: the engine's CausalLM
-    pattern, lm_head stays in the root's unit and the root forward computes the loss with its weight."""
+    """head_unit=True: lm_head is its own FSDP unit and returns the loss (the engine's LMHead).  False:
+    lm_head stays in the root's unit and the root forward computes the loss with its weight (the engine's
+    pattern for tied embeddings)."""
 
     def __init__(self, head_unit: bool) -> None:
         super().__init__()
@@ -94,18 +94,11 @@ def _check_variant(rank: int, world: int, head_unit: bool) -> None:
         torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _worker(rank: int, world: int, store_file: str) -> None:
-    # A file rendezvous: no free-port race with other tests running at the same time.
-    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
-    try:
-        for head_unit in (True, False):
-            _check_variant(rank, world, head_unit)
-    except BaseException:
-        dist.destroy_process_group()  # the peer may never reach a barrier now
-        raise
-    shutdown_distributed()
+def _both_variants(rank: int, world: int) -> None:
+    for head_unit in (True, False):
+        _check_variant(rank, world, head_unit)
 
 
 @pytest.mark.dist
 def test_fsdp2_gloo_gradients_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    run_on_gloo_ranks(_both_variants, 2, str(tmp_path / "store"))

@@ -15,7 +15,7 @@ from engine.memory import plan_memory
 from engine.models import FLAVOURS, build_model
 from engine.objectives import SFTObjective
 from engine.optim import build_scheduler, lr_lambda, param_groups
-from engine.parallel import apply_activation_checkpointing, apply_neftune, doc_lengths, neftune_scale
+from engine.parallel import apply_activation_checkpointing, apply_neftune, neftune_scale, token_doc_lengths
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -168,10 +168,14 @@ def test_neftune_scale_per_document():
     model.eval()
     model(ids, cu_seqlens=cu, max_seqlen=200)
     torch.testing.assert_close(captured["x"], clean)  # training only
-    # position_ids give the same boundaries as cu_seqlens
+    # position_ids give the same per-token lengths as cu_seqlens; a row start always starts a document
     pos = torch.cat([torch.arange(n) for n in lens])[None]
-    assert doc_lengths((1, 256), position_ids=pos).tolist() == lens
-    assert neftune_scale(torch.tensor([4, 16]), 64, 5.0).shape == (20,)
+    per_token = torch.repeat_interleave(torch.tensor(lens), torch.tensor(lens))
+    assert torch.equal(token_doc_lengths((1, 256), cu_seqlens=cu), per_token)
+    assert torch.equal(token_doc_lengths((1, 256), position_ids=pos), per_token)
+    two_rows = torch.tensor([[0, 1, 2, 0], [4, 5, 0, 1]])  # row 2 continues no document of row 1
+    assert token_doc_lengths((2, 4), position_ids=two_rows).tolist() == [3, 3, 3, 1, 2, 2, 2, 2]
+    assert neftune_scale(per_token, 64, 5.0).shape == (256,)
 
 
 # ------------------------------------------------------------------ activation checkpointing
