@@ -38,17 +38,23 @@ def to_device(mb: dict, device) -> dict:
         "cu_seqlens": move(mb["cu_seqlens"]),
         "max_seqlen": mb["max_seqlen"],
         "labels": move(mb["labels"]),
+        "num_target_tokens": mb[
+            "num_target_tokens"
+        ],  # host int: the fused loss skips ignored rows without a sync
     }
 
 
 def model_loss(model, batch: dict) -> torch.Tensor:
-    """model(...) with labels: whatever model.loss_fn returns (a sum for SFT, per-token losses for DPO)."""
+    """model(...) with labels: whatever model.loss_fn returns (a sum for SFT, per-token losses for DPO). The
+    loader's target count goes to the loss as num_valid (kernels.linear_cross_entropy compacts the ignored
+    rows away with it, where it would otherwise compute them as zeros or read the count back)."""
     return model(
         batch["input_ids"],
         batch["position_ids"],
         batch["cu_seqlens"],
         batch["max_seqlen"],
         labels=batch["labels"],
+        loss_kwargs={"num_valid": batch["num_target_tokens"]},
     )
 
 

@@ -33,8 +33,9 @@ BLOCKS: dict[str, type[nn.Module]] = {
 }
 
 
-def default_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies; same as F.cross_entropy((hidden @ weight.T).float(), labels, "sum")."""
+def default_loss_fn(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+    """Sum of token cross-entropies; same as F.cross_entropy((hidden @ weight.T).float(), labels, "sum").
+    Keyword hints meant for a fused loss (e.g. num_valid) are ignored."""
     logits = F.linear(hidden, weight).float()  # (N, V)
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
@@ -45,11 +46,15 @@ class LMHead(nn.Linear):
     (engine.parallel.apply_fsdp makes [final norm, lm_head] one unit that stays gathered for backward)."""
 
     def forward(
-        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, loss_fn: Callable | None = None
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_fn: Callable | None = None,
+        loss_kwargs: dict | None = None,
     ) -> torch.Tensor:
         if labels is None:
             return F.linear(hidden, self.weight)  # (B, T, V)
-        return loss_fn(hidden.flatten(0, 1), self.weight, labels.flatten())
+        return loss_fn(hidden.flatten(0, 1), self.weight, labels.flatten(), **(loss_kwargs or {}))
 
 
 class DecoderStack(nn.Module):
@@ -93,8 +98,9 @@ class CausalLM(nn.Module):
         # Tied models have no lm_head module: the output projection reads the embedding matrix (and the
         # loss is computed in this root forward, where FSDP has gathered it).
         self.lm_head = None if args.tie_embeddings else LMHead(args.hidden_size, args.vocab_size, bias=False)
-        # (hidden (N, H), weight (V, H), labels (N,)) -> loss; any reduction ("none": per-token losses)
-        self.loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = default_loss_fn
+        # (hidden (N, H), weight (V, H), labels (N,), **loss_kwargs) -> loss; any reduction ("none": per-token
+        # losses); loss_kwargs are the caller's hints (the trainer passes num_valid)
+        self.loss_fn: Callable[..., torch.Tensor] = default_loss_fn
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -107,8 +113,10 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
+        loss_kwargs: dict | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) without labels, else loss_fn(hidden, output weight, labels) over the B*T tokens.
+        """Logits (B, T, V) without labels, else loss_fn(hidden, output weight, labels, **loss_kwargs) over
+        the B*T tokens (loss_kwargs: what the caller knows that the loss may use, e.g. num_valid).
 
         Packed rows: give cu_seqlens (int32, over the flattened tokens) and max_seqlen (a host int). No
         path copies anything back from the device when both are given (position_ids, when absent, are
@@ -125,10 +133,10 @@ class CausalLM(nn.Module):
         meta = make_attn_meta(self.attn_impl, B, T, cu_seqlens, max_seqlen, dev)
         hidden = self.model(input_ids, position_ids, meta)  # (B, T, H)
         if self.lm_head is not None:
-            return self.lm_head(hidden, labels, self.loss_fn)
+            return self.lm_head(hidden, labels, self.loss_fn, loss_kwargs)
         if labels is None:
             return F.linear(hidden, self.output_weight)  # (B, T, V)
-        return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())
+        return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten(), **(loss_kwargs or {}))
 
     @torch.no_grad()
     def init_weights(self) -> None:

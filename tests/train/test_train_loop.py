@@ -393,7 +393,8 @@ def test_profile_steps_write_a_trace_of_those_steps(data, tmp_path):
 def test_label_smoothing_and_z_loss_flags_reach_the_kernel(data, tmp_path, monkeypatch):
     """--label_smoothing_factor / --z_loss: the first micro-batch's loss is F.cross_entropy with label
     smoothing plus z_loss * logsumexp^2 per target token, in fp64 on the same hidden states (the kernel's own
-    tests prove the kernel; this proves the wiring)."""
+    tests prove the kernel; this proves the wiring). The loader's target count reaches the kernel as
+    num_valid (it skips ignored rows with it, without a sync)."""
     import torch.nn.functional as F
 
     seen = {}
@@ -403,9 +404,10 @@ def test_label_smoothing_and_z_loss_flags_reach_the_kernel(data, tmp_path, monke
         model = build(cfg, info)
         inner = model.loss_fn
 
-        def loss_fn(h, w, y):
-            out = inner(h, w, y)
+        def loss_fn(h, w, y, **k):
+            out = inner(h, w, y, **k)
             seen.setdefault("first", (h.detach().double(), w.detach().double(), y.clone(), out.item()))
+            seen.setdefault("num_valid", k.get("num_valid"))
             return out
 
         model.loss_fn = loss_fn
@@ -416,6 +418,7 @@ def test_label_smoothing_and_z_loss_flags_reach_the_kernel(data, tmp_path, monke
     h, w, y, got = seen["first"]
     z = h @ w.T  # (N, V) fp64
     keep = y != -100
+    assert seen["num_valid"] == int(keep.sum()) > 0
     want = F.cross_entropy(z, y, ignore_index=-100, reduction="sum", label_smoothing=0.1)
     want = want + 1e-3 * (torch.logsumexp(z, -1)[keep] ** 2).sum()
     assert got == pytest.approx(want.item(), rel=1e-5)
