@@ -134,7 +134,7 @@ def _qwen_dir(root, bpe, version):
 
 class _Dirs(dict):
     def __missing__(self, name):  # only the Qwen2 vocabulary needs the package
-        pytest.skip("the dashscope package (dev extra) ships the Qwen2 BPE ranks")
+        pytest.skip("the dashscope package (make install adds it, --no-deps) ships the Qwen2 BPE ranks")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from train_testlib import one_thread  # noqa: F401 (a fixture)
 
 from engine.config import parse_config
 from engine.models import build_model, clean_param_name

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -60,15 +59,6 @@ def base_args(data: Path, out: Path, **over) -> list[str]:
     for k, v in kw.items():
         argv += [f"--{k}", str(v)]
     return argv
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test (2 shared cores: more threads than free cores make every op crawl)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_inprocess(argv: list[str], *, on_step=None, probe=None):
