@@ -364,7 +364,7 @@ def encode_chats(
     texts = [p for pieces, _ in plans for _, p, tid in pieces if tid is None]
     encoded = iter(tokenizer.encode_offsets_batch(texts))
     out = []
-    for pieces, spans in plans:
+    for n, (pieces, spans) in enumerate(plans):
         ids: list[int] = []
         starts: list[int] = []
         for start, piece, tid in pieces:
@@ -375,7 +375,7 @@ def encode_chats(
             p_ids, p_starts = next(encoded)
             if piece in ctl.ids and ctl.ids[piece] in p_ids:  # as transformers: refuse, never mis-encode
                 raise ChatTemplateError(
-                    f"cannot encode {piece!r} in a message as text: the tokenizer makes it a token"
+                    f"cannot encode {piece!r} in a message as text: the tokenizer makes it a token", n
                 )
             ids += p_ids
             starts += [start + s for s in p_starts]

@@ -350,23 +350,41 @@ def test_a_template_that_cannot_be_masked_is_an_error_naming_the_file(template, 
         build_dataset([str(rows)], tok, max_length=4096)
 
 
-def test_template_errors_raised_by_the_template_name_the_row(tmp_path):
+@pytest.mark.parametrize(
+    "template_head,bad_messages,error",
+    [
+        # raised while rendering, by the template itself
+        (
+            "{% if messages|length > 2 %}{{ raise_exception('only one turn, please') }}{% endif %}",
+            CONVERSATIONS["multi_turn_markdown"][1:],
+            "chat template .*only one turn, please",
+        ),
+        # raised while encoding: a non-special added token that the template's text contains is a control
+        # token, so a content's "<tool>" must stay text, which this tokenizer cannot do
+        (
+            "{% if false %}<tool>{% endif %}",
+            [{"role": "user", "content": "call <tool> now"}, {"role": "assistant", "content": "Done."}],
+            "cannot encode '<tool>' in a message as text",
+        ),
+    ],
+    ids=["render", "encode"],
+)
+def test_template_errors_name_the_row(template_head, bad_messages, error, tmp_path):
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RustTokenizer
+
     from engine.data import build_dataset
 
-    tok = load_tokenizer("debug-qwen2")
-    tok.save_pretrained(str(tmp_path / "m"))
+    load_tokenizer("debug-qwen2").save_pretrained(str(tmp_path / "m"))
+    tok_file = str(tmp_path / "m" / "tokenizer.json")
+    rust = RustTokenizer.from_file(tok_file)
+    rust.add_tokens([AddedToken("<tool>", special=False, normalized=False)])
+    rust.save(tok_file)
     cfg_file = tmp_path / "m" / "tokenizer_config.json"
-    bad = (
-        "{% if messages|length > 2 %}{{ raise_exception('only one turn, please') }}{% endif %}"
-        + json.loads(cfg_file.read_text())["chat_template"]
-    )
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "chat_template": bad}))
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "chat_template": template_head + cfg["chat_template"]}))
     rows = tmp_path / "d.jsonl"
-    rows.write_text(
-        json.dumps({"messages": CONVERSATIONS["no_system"]})
-        + "\n"
-        + json.dumps({"messages": CONVERSATIONS["multi_turn_markdown"][1:]})
-        + "\n"
-    )
-    with pytest.raises(ValueError, match="d.jsonl:2: chat template .*only one turn, please"):
+    good = json.dumps({"messages": CONVERSATIONS["no_system"]}) + "\n"
+    rows.write_text(good * 4 + json.dumps({"messages": bad_messages}) + "\n" + good)
+    with pytest.raises(ValueError, match=f"d.jsonl:5: {error}"):
         build_dataset([str(rows)], load_tokenizer(str(tmp_path / "m")), max_length=4096)
