@@ -76,6 +76,10 @@ class _Source:
     def lengths(self) -> np.ndarray:
         return self.doc_lengths.sum(axis=1)
 
+    @property
+    def square_lengths(self) -> np.ndarray:
+        return (self.doc_lengths**2).sum(axis=1)
+
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """'path' -> (path, None); 'path#N' -> (path, N)."""
@@ -279,7 +283,8 @@ def _sample(n_avail: int, n: int, rng: np.random.Generator) -> np.ndarray:
 class SFTDataset:
     """Tokenized samples (one conversation each for SFT, a chosen/rejected pair for DPO).
     ds[i] -> {"input_ids": list[int], "labels": list[int]} of its first document (labels ALIGNED);
-    ds.documents(i) -> every document as arrays; ds.lengths[i] = the sample's tokens (all its documents).
+    ds.documents(i) -> every document as arrays; ds.lengths[i] = the sample's tokens (all its documents),
+    ds.square_lengths[i] = the sum of its documents' squared lengths (what attention costs).
     sample_arrays: per-sample arrays the loader copies into each micro-batch (name -> [len(ds), ...];
     e.g. DPO's precomputed reference log-probs)."""
 
@@ -302,9 +307,11 @@ class SFTDataset:
         self.row_format = row_format
         self.sample_arrays: dict[str, np.ndarray] = {}
         self.lengths = np.zeros(len(index), dtype=np.int64)
+        self.square_lengths = np.zeros(len(index), dtype=np.int64)  # the loader's attention cost
         for k, src in enumerate(sources):
             sel = index[:, 0] == k
             self.lengths[sel] = src.lengths[index[sel, 1]]
+            self.square_lengths[sel] = src.square_lengths[index[sel, 1]]
 
     def __len__(self) -> int:
         return len(self._index)

@@ -52,22 +52,39 @@ def deal_rows(
     batch_size: int,
     pad_length: int | None,
     attention_weight: float = ATTENTION_WEIGHT,
+    square_lengths: np.ndarray | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """One step's rows -> micro-batches (lists of row positions) in dealing order, and their costs.
 
-    Micro-batch j goes to rank j % world as accumulation step j // world: after the sort by cost, the
-    `world` micro-batches that run at the same time are neighbours in cost. Only lengths are read."""
-    docs = [[] if row == [FILLER] else lengths[row].tolist() for row in rows]
-    sizes = np.array([sum(d) for d in docs])
+    lengths[i]: sample i's tokens; square_lengths[i]: the sum of its documents' squared lengths (a DPO
+    pair attends over its chosen and rejected documents apart: c^2 + r^2, not (c + r)^2), default
+    lengths**2 (one document per sample). Micro-batch j goes to rank j % world as accumulation step
+    j // world: after the sort by cost, the `world` micro-batches that run at the same time are neighbours
+    in cost. Only lengths are read."""
+    if not rows:
+        return [], []
+    lengths = np.asarray(lengths, dtype=np.int64)
+    square_lengths = lengths**2 if square_lengths is None else np.asarray(square_lengths, dtype=np.int64)
+    counts = np.array([0 if row == [FILLER] else len(row) for row in rows], dtype=np.int64)  # (R,)
+    flat = np.array([i for row in rows if row != [FILLER] for i in row], dtype=np.int64)  # (sum counts,)
+    row_of = np.repeat(np.arange(len(rows)), counts)
+    # per row: tokens and documents' squared lengths (int64 sums: exact, as the costs must be on every rank)
+    sizes = np.zeros(len(rows), dtype=np.int64)
+    square = np.zeros(len(rows), dtype=np.int64)
+    np.add.at(sizes, row_of, lengths[flat])
+    np.add.at(square, row_of, square_lengths[flat])
     order = np.argsort(-sizes, kind="stable")
-    micro = [order[j : j + batch_size].tolist() for j in range(0, len(order), batch_size)]
-    costs = []
-    for m in micro:
-        T = pad_length or max(1, int(sizes[m].max()))  # collate_rows pads every row to T
-        square = sum(n * n for i in m for n in docs[i]) + sum((T - int(sizes[i])) ** 2 for i in m)
-        costs.append(len(m) * T + attention_weight * square)
-    by_cost = np.argsort(-np.array(costs), kind="stable").tolist()
-    return [micro[j] for j in by_cost], [costs[j] for j in by_cost]
+    starts = np.arange(0, len(order), batch_size)  # micro-batch m = order[starts[m] : starts[m] + batch_size]
+    n_rows = np.diff(np.append(starts, len(order)))  # (M,) rows per micro-batch
+    if pad_length:
+        T = np.full(len(starts), pad_length, dtype=np.int64)
+    else:  # collate_rows pads every row to the micro-batch's longest
+        T = np.maximum(1, np.maximum.reduceat(sizes[order], starts))
+    pad = T.repeat(n_rows) - sizes[order]  # each row's trailing padding segment
+    attention = np.add.reduceat(square[order] + pad * pad, starts)
+    costs = (n_rows * T + attention_weight * attention).tolist()
+    by_cost = np.argsort(-np.asarray(costs), kind="stable").tolist()
+    return [order[starts[j] : starts[j] + batch_size].tolist() for j in by_cost], [costs[j] for j in by_cost]
 
 
 def cost_spread(costs: list[float], world: int) -> float:
@@ -83,7 +100,13 @@ class _StepBatches(torch.utils.data.Dataset):
     def __init__(self, loader: StepLoader, epoch: int):
         self.dataset = loader.dataset
         self.steps = loader._steps(epoch)
-        self.deal_args = (loader.lengths, loader.batch_size, loader.pad_length, loader.attention_weight)
+        self.deal_args = (
+            loader.lengths,
+            loader.batch_size,
+            loader.pad_length,
+            loader.attention_weight,
+            loader.square_lengths,
+        )
         self.rank_of = (loader.rank, loader.world_size)
 
     def __len__(self) -> int:
@@ -145,6 +168,8 @@ class StepLoader:
             )
         self.dataset = dataset
         self.lengths = lengths
+        square = getattr(dataset, "square_lengths", None)  # absent: one document per sample
+        self.square_lengths = lengths**2 if square is None else np.asarray(square, dtype=np.int64)
         self.max_length = max_length
         self.batch_size = batch_size
         self.accum = gradient_accumulation_steps
@@ -206,7 +231,9 @@ class StepLoader:
         return steps
 
     def deal(self, rows: list[list[int]]) -> tuple[list[list[int]], list[float]]:
-        return deal_rows(rows, self.lengths, self.batch_size, self.pad_length, self.attention_weight)
+        return deal_rows(
+            rows, self.lengths, self.batch_size, self.pad_length, self.attention_weight, self.square_lengths
+        )
 
     def cost_spreads(self, epoch: int) -> np.ndarray:
         """cost_spread of every step of the epoch (the same on every rank)."""

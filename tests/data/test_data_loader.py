@@ -180,3 +180,29 @@ def test_loader_reports_the_cost_spread_of_each_step(ds):
         seen.append(ld.last_cost_spread)
     assert seen == spreads.tolist() and len(seen) == len(ld._steps(0))
     assert np.all(spreads >= 0)
+
+
+@pytest.mark.parametrize("pairs", [False, True], ids=["sft", "dpo"])
+def test_dealt_cost_is_that_of_the_collated_micro_batches(ds, tmp_path, pairs):
+    """A micro-batch's cost = B * T + ATTENTION_WEIGHT * sum of its attention segments' squared lengths,
+    the segments being what collate_rows builds: a DPO pair's chosen and rejected documents apart (c^2 + r^2,
+    not (c + r)^2) and each row's padding."""
+    from test_data_preference import _pairs, write_jsonl
+
+    from engine.data.loader import ATTENTION_WEIGHT
+    from engine.data.preference import PAIR_FORMAT
+
+    if pairs:
+        path = write_jsonl(tmp_path / "p.jsonl", _pairs(40))
+        ds = build_dataset([path], load_tokenizer("debug-qwen2"), max_length=400, row_format=PAIR_FORMAT)
+    max_length = 400 if pairs else 4096
+    ld = make(ds, 1, 2, batch=2, max_length=max_length)
+    steps = ld._steps(0)
+    n_docs = 0
+    for k, micro_batches in enumerate(ld):
+        for mb, cost in zip(micro_batches, ld.deal(steps[k])[1], strict=True):
+            B, T = mb["input_ids"].shape
+            segments = np.diff(mb["cu_seqlens"].numpy()).astype(np.int64)
+            assert cost == pytest.approx(B * T + ATTENTION_WEIGHT * int((segments**2).sum()), rel=1e-12)
+            n_docs += len(mb["doc_lengths"])
+    assert n_docs == len(ds) * (2 if pairs else 1)  # every document was costed, a pair as two
