@@ -12,10 +12,10 @@ same time (every FSDP collective waits for the slowest) cost about the same.
 Cost of a micro-batch, in matmul-token equivalents: its B * T tokens (padding included) plus
 ATTENTION_WEIGHT x the sum of its documents' (and padding segments') squared lengths. The weight is the
 FLOP ratio of causal attention to the matmuls (engine.metrics.step_flops): n_layers * d_q / matmul
-parameters, 1.42e-5 for Qwen2-7B, 1.74e-5 for GLM-4-9B, 4.4e-5 for Qwen2.5-0.5B; flash attention runs at
-a lower FLOP rate than the GEMMs, which the default (2e-5) leans towards. What balancing leaves is
-measured per step (cost_spread: the slowest rank's excess over the mean, summed over accumulation
-steps) and simulated at 8 ranks by benchmarks.bench_data.
+parameters, 1.42e-5 for Qwen2-7B, 1.75e-5 for Llama-3.1-8B, 1.87e-5 for GLM-4-9B, 4.35e-5 for
+Qwen2.5-0.5B; flash attention runs at a lower FLOP rate than the GEMMs, which the default (2e-5) leans
+towards. What balancing leaves is measured per step (cost_spread: the slowest rank's excess over the
+mean, summed over accumulation steps) and simulated at 8 ranks by benchmarks.bench_data.
 
 Last partial step (fewer than G rows left): with drop_last=False it is kept and completed with filler
 rows (padding only, every label -100), so every rank runs the same number of micro-batches and no
