@@ -196,10 +196,9 @@ def _load_source(
     lines, convs, metas, n_rows, file_hash = _read_rows(path, problems, fmt.normalize)
     cache_file = None
     if lazy and cache_dir:
-        kind = "" if fmt is SFT_FORMAT else f"|{fmt.name}"  # SFT keys as before this field existed
+        # fmt.name: an SFT and a DPO reading of one file cache [n, 1] and [n, 2] lengths
         key = hashlib.sha256(
-            f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{tokenizer.chat_template.fingerprint}|"
-            f"{_backend_versions()}{kind}".encode()
+            f"v{CACHE_VERSION}|{file_hash}|{tokenizer.fingerprint}|{_backend_versions()}|{fmt.name}".encode()
         ).hexdigest()[:32]
         cache_file = os.path.join(cache_dir, f"lengths-{key}.npz")
     cached = None
@@ -326,10 +325,10 @@ class SFTDataset:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything a sample's tokens depend on: file contents, tokenizer, template, format,
-        max_length and truncation (the kept lengths), mixing and split (the index)."""
+        """Hash of everything a sample's tokens depend on: file contents, tokenizer (its fingerprint covers
+        the template), format, max_length and truncation (the kept lengths), mixing and split (the index)."""
         h = hashlib.sha256(
-            f"v{CACHE_VERSION}|{self.row_format.name}|{self.tokenizer.fingerprint}|{self.tokenizer.template}|"
+            f"v{CACHE_VERSION}|{self.row_format.name}|{self.tokenizer.fingerprint}|"
             f"{_backend_versions()}|{self.max_length}|{[s.file_hash for s in self._sources]}".encode()
         )
         h.update(np.ascontiguousarray(self._index).tobytes())

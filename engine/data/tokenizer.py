@@ -144,7 +144,6 @@ class Tokenizer:
             self.chat_template = builtin_template(template, self.family, "--template")
         if system is not None:
             self.chat_template = self.chat_template.with_system(system)
-        self.__dict__.pop("fingerprint", None)
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -194,11 +193,17 @@ class Tokenizer:
         return self.eos_token_ids[0]
 
     @cached_property
-    def fingerprint(self) -> str:
-        """Stable hash of the vocabulary files and template (cache key for token lengths)."""
-        h = hashlib.sha256(f"{type(self).__name__}|{self.chat_template.fingerprint}|".encode())
+    def _vocabulary_hash(self) -> str:  # hashing the files is the slow part: once per tokenizer
+        h = hashlib.sha256(f"{type(self).__name__}|".encode())
         self._hash_into(h)
-        return h.hexdigest()[:24]
+        return h.hexdigest()
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of the vocabulary files and the current chat template, however it was set (the key
+        of the token-length cache and of the dataset's fingerprint)."""
+        key = f"{self._vocabulary_hash}|{self.chat_template.fingerprint}"
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, template={self.template!r}, vocab_size={self.vocab_size})"

@@ -154,28 +154,27 @@ def test_lazy_matches_eager_and_caches_lengths(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(dataset_mod, "_measure", boom)
     again = build_dataset([DEMO], tok, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache))
     np.testing.assert_array_equal(again.lengths, eager.lengths)
-    # Another tokenizer (template) gets its own cache entry.
+    # Another vocabulary, or the same one with another template (however it was set), gets its own entry.
     monkeypatch.undo()
-    build_dataset(
-        [DEMO],
-        load_tokenizer("debug-glm4"),
-        max_length=1024,
-        seed=0,
-        lazy_tokenize=True,
-        cache_dir=str(cache),
-    )
-    assert len(os.listdir(cache)) == 2
+    other_template = load_tokenizer("debug-qwen2", template="chatml")
+    assigned = load_tokenizer("debug-qwen2")
+    fingerprint = assigned.fingerprint
+    assigned.chat_template = other_template.chat_template
+    assert assigned.fingerprint == other_template.fingerprint != fingerprint == tok.fingerprint
+    for other in (load_tokenizer("debug-glm4"), other_template):
+        build_dataset([DEMO], other, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache))
+    assert len(os.listdir(cache)) == 3
     # A changed file (same path) is a new key: its lengths are measured again, never read stale.
     changed = tmp_path / "demo.jsonl"
     changed.write_bytes(open(DEMO, "rb").read())
     build_dataset([str(changed)], tok, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache))
-    assert len(os.listdir(cache)) == 2  # same content as DEMO, other path: the same entry
+    assert len(os.listdir(cache)) == 3  # same content as DEMO, other path: the same entry
     with open(changed, "a", encoding="utf-8") as f:
         f.write(json.dumps(row(a="one more reply")) + "\n")
     more = build_dataset(
         [str(changed)], tok, max_length=1024, seed=0, lazy_tokenize=True, cache_dir=str(cache)
     )
-    assert len(os.listdir(cache)) == 3 and len(more) == len(eager) + 1
+    assert len(os.listdir(cache)) == 4 and len(more) == len(eager) + 1
 
 
 def test_split_dataset(tok):

@@ -189,6 +189,8 @@ def test_lazy_pairs_equal_eager(tmp_path):
         for (a, la), (b, lb) in zip(eager.documents(i), again.documents(i)):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(la, lb)
-    sft = build_dataset([path], tok, max_length=400)  # the same file as SFT rows: another fingerprint
+    # the same file as SFT rows: another fingerprint, and another length-cache entry ([n, 1] lengths, not [n, 2])
+    sft = build_dataset([path], tok, max_length=400, lazy_tokenize=True, cache_dir=str(tmp_path / "c"))
+    assert len(list((tmp_path / "c").iterdir())) == 2
     assert sft.fingerprint != eager.fingerprint and len(sft.documents(0)) == 1
     np.testing.assert_array_equal(sft.arrays(0)[0], eager.documents(0)[0][0])  # chosen = the SFT conversation
