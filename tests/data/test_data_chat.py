@@ -164,6 +164,20 @@ def test_row_formats_normalise_to_the_same_messages():
     assert normalize_row(openai) == (msgs, {"length": 300, "response_length": 1200})
 
 
+def _llama_merging_across_the_reply_start():
+    """A stand-in Llama-3 vocabulary (the bytes, Llama-3's pre-tokenisation and special tokens) with one merge,
+    "]R", that joins the end of "[/INST]" to a reply starting with "R" when the two are tokenized together."""
+    from test_data_template import LLAMA3_PAT
+    from tokenizers import AddedToken
+
+    from engine.data.tokenizer import LLAMA3_SPECIAL_TOKENS, HFTokenizer, bpe_from_ranks
+
+    ranks = {bytes([b]): b for b in range(256)} | {b"]R": 256}
+    bpe = bpe_from_ranks(ranks, LLAMA3_PAT)
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
+    return HFTokenizer(bpe, name="llama-stand-in", config={"bos_token": "<|begin_of_text|>"})
+
+
 def test_longwriter_reproduces_thudm_train_tokenization():
     """THUDM/LongWriter train/pre_tokenize_glm4.py and pre_tokenize_llama3.py, rebuilt from their code."""
     msgs = CONVERSATIONS["mixed_multi_turn"]
@@ -180,8 +194,11 @@ def test_longwriter_reproduces_thudm_train_tokenization():
             labels += list(range(start + 1, len(want) + 1))
     want.append(glm.token_id("<|endoftext|>"))
     assert ids.tolist() == want and mask.nonzero()[0].tolist() == labels
-    llama = load_tokenizer("debug-llama", template="longwriter")
+    llama = _llama_merging_across_the_reply_start()
+    llama.set_chat_template("longwriter")
     assert llama.template == "longwriter_llama"
+    # the boundary is exercised: "[/INST]" + "Red" tokenized as one text merges "]R"
+    assert llama.encode("[/INST]Red") != llama.encode("[/INST]") + llama.encode("Red")
     ((ids, mask),) = encode_conversations(llama, [msgs])
     # THUDM: BOS, "<<SYS>>\n{s}\n<</SYS>>\n\n", "[INST]{q}[/INST]", the reply, each tokenized alone, EOS after
     # the reply (the 8b model's data are single-turn; here every reply ends with it)
