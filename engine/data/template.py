@@ -174,9 +174,10 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template {self.origin}: {type(e).__name__}: {e}") from None
 
+    @cached_property
     def literal_text(self) -> str:
         """Every text block and string constant of the template, NUL-joined (transformers' rule for which
-        added tokens are control tokens)."""
+        added tokens are control tokens); cached: parsing the template is most of a short sample's encoding."""
         import jinja2
 
         env = self.compiled[0]
@@ -222,7 +223,7 @@ class _Controls:
     def __init__(self, tokenizer, template: ChatTemplate):
         added = tokenizer.added_tokens  # content -> (id, special)
         allowed = tokenizer.chat_control_tokens
-        text = template.literal_text() if allowed is None else ""
+        text = template.literal_text if allowed is None else ""
         self.ids = {
             t: i
             for t, (i, special) in added.items()
