@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from data_gen import agentwrite, preference
 from data_gen.instructions import read_instructions
 
 
@@ -49,6 +50,14 @@ def test_prompt_and_messages_rows(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
+        ("not json", "not a JSON object"),
+        ('["prompt"]', "expected a JSON object"),
+        ({"prompt": "x", "length": "abc"}, "'length' must be a positive whole number"),
+        ({"prompt": "x", "length": -5}, "'length' must be a positive whole number"),
+        ({"prompt": "x", "length": 0}, "'length' must be a positive whole number"),
+        ({"prompt": "x", "length": 12.5}, "'length' must be a positive whole number"),
+        ({"prompt": "x", "length": True}, "'length' must be a positive whole number"),
+        ({"id": "a", "prompt": "y"}, "duplicate id 'a'"),
         ({"messages": "hi"}, "'messages' must be a non-empty list"),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),
@@ -68,9 +77,19 @@ def test_prompt_and_messages_rows(tmp_path):
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, row, message):
-    f = write(tmp_path / "in.jsonl", [{"prompt": "fine"}, row])
+    f = write(tmp_path / "in.jsonl", [{"id": "a", "prompt": "fine"}, row])
     with pytest.raises(ValueError, match=re.escape(f"in.jsonl:2: {message}")):
         read_instructions(f)
+
+
+@pytest.mark.parametrize("main", [agentwrite.main, preference.main], ids=["agentwrite", "preference"])
+def test_the_clis_report_a_bad_row_in_one_line_and_exit_2(tmp_path, capsys, main):
+    """Before any request and before any output file: the reader's message, as it names file and line."""
+    f = write(tmp_path / "in.jsonl", [{"prompt": "fine"}, {"prompt": "x", "length": 0}])
+    rc = main(["--input", str(f), "--output", str(tmp_path / "o.jsonl"), "--model", "m"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {f}:2: 'length' must be a positive whole number of words, got 0\n"
+    assert list(tmp_path.iterdir()) == [f]
 
 
 def test_prompt_only_readers_reject_messages(tmp_path):
