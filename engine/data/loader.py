@@ -186,6 +186,7 @@ class StepLoader:
         self.epoch = 0
         self._next_step = 0
         self._cache: tuple[int, list] | None = None
+        self._spreads: tuple[int, np.ndarray] | None = None  # (epoch, cost_spreads(epoch))
         if len(self) == 0:
             raise ValueError(
                 f"StepLoader: the dataset gives {len(self._plan(0))} rows, fewer than one global batch of "
@@ -236,8 +237,16 @@ class StepLoader:
         )
 
     def cost_spreads(self, epoch: int) -> np.ndarray:
-        """cost_spread of every step of the epoch (the same on every rank)."""
-        return np.array([cost_spread(self.deal(rows)[1], self.world_size) for rows in self._steps(epoch)])
+        """cost_spread of every step of the epoch (the same on every rank; 0 on one rank), dealt once per
+        epoch here: the workers deal each step again for its batches, the main process need not."""
+        if self._spreads is None or self._spreads[0] != epoch:
+            steps = self._steps(epoch)
+            if self.world_size == 1:  # nobody waits: cost_spread is exactly 0
+                spreads = np.zeros(len(steps))
+            else:
+                spreads = np.array([cost_spread(self.deal(rows)[1], self.world_size) for rows in steps])
+            self._spreads = (epoch, spreads)
+        return self._spreads[1]
 
     def steps_in_epoch(self, epoch: int) -> int:
         n = len(self._plan(epoch))
@@ -260,6 +269,7 @@ class StepLoader:
         epoch, start = self.epoch, self._next_step
         view = _StepBatches(self, epoch)
         n_steps = len(view)
+        spreads = self.cost_spreads(epoch)
         if self.num_workers > 0:
             batches = torch.utils.data.DataLoader(
                 view,
@@ -280,7 +290,7 @@ class StepLoader:
                 self.epoch, self._next_step = epoch + 1, 0
             else:
                 self.epoch, self._next_step = epoch, k + 1
-            self.last_cost_spread = cost_spread(self.deal(view.steps[k])[1], self.world_size)
+            self.last_cost_spread = float(spreads[k])
             yield micro_batches
 
     # -- resume -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.data import StepLoader, build_dataset, load_tokenizer
+from engine.data.loader import cost_spread
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data", "longwriter_demo.jsonl")
 MAXLEN = 2048
@@ -153,7 +154,7 @@ def test_ranks_are_dealt_by_cost():
     from test_data_packing import longwriter_like
 
     from engine.data import pack_lengths
-    from engine.data.loader import cost_spread, deal_rows
+    from engine.data.loader import deal_rows
 
     lengths = longwriter_like(2000, 300, seed=0)
     plan = pack_lengths(lengths, 28672, seed=0)
@@ -172,14 +173,21 @@ def test_ranks_are_dealt_by_cost():
     assert np.mean(by_cost) < 0.3 * np.mean(by_tokens)
 
 
-def test_loader_reports_the_cost_spread_of_each_step(ds):
-    ld = make(ds, 2, 2, batch=2, max_length=4096)
+@pytest.mark.parametrize("world", [1, 2])
+def test_loader_reports_the_cost_spread_of_each_step(ds, world, monkeypatch):
+    ld = make(ds, world, 2, batch=2, max_length=4096)
     spreads = ld.cost_spreads(0)
+    want = [cost_spread(ld.deal(rows)[1], world) for rows in ld._steps(0)]
+
+    def deal_again(rows):
+        raise AssertionError("the main process dealt a step again (the epoch's spreads are known)")
+
+    monkeypatch.setattr(ld, "deal", deal_again)
     seen = []
     for _ in ld:
         seen.append(ld.last_cost_spread)
-    assert seen == spreads.tolist() and len(seen) == len(ld._steps(0))
-    assert np.all(spreads >= 0)
+    assert seen == spreads.tolist() == want and len(seen) == len(ld._steps(0))
+    assert np.all(spreads >= 0) and (np.any(spreads > 0) if world > 1 else not np.any(spreads))
 
 
 @pytest.mark.parametrize("pairs", [False, True], ids=["sft", "dpo"])
