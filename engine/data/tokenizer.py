@@ -117,6 +117,18 @@ def _eos_for_family(family: str, token_id, extra: Sequence[int] = ()) -> tuple[i
     return tuple(ids)
 
 
+# tokenizer_config.json's named special tokens (transformers' special tokens map)
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
 def _token_text(v) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
@@ -174,15 +186,7 @@ class Tokenizer:
     def template_variables(self) -> dict[str, str]:
         """What transformers passes a chat template besides the messages: the special tokens map."""
         out = {}
-        for key in (
-            "bos_token",
-            "eos_token",
-            "unk_token",
-            "sep_token",
-            "pad_token",
-            "cls_token",
-            "mask_token",
-        ):
+        for key in NAMED_SPECIAL_TOKENS:
             text = _token_text(self._config.get(key))
             if text is not None:
                 out[key] = text
@@ -595,14 +599,21 @@ def _load_file(path: str, *, config_dir: str) -> Tokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         tok = RustTokenizer.from_file(path)
-        # Special tokens declared only in tokenizer_config.json are added on top.
+        # Tokens declared only in tokenizer_config.json are added on top as transformers adds them: in id
+        # order, with their own "special" flag (a non-special one matches inside text), special anyway when
+        # the config names it (eos_token, ...); add_tokens keeps the flag, add_special_tokens would not.
+        named = {_token_text(config.get(key)) for key in NAMED_SPECIAL_TOKENS} - {None}
         missing = [
-            AddedToken(spec["content"], special=spec.get("special", True), normalized=False)
+            AddedToken(
+                spec["content"],
+                special=spec.get("special", True) or spec["content"] in named,
+                normalized=False,
+            )
             for _, spec in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
             if tok.token_to_id(spec["content"]) is None
         ]
         if missing:
-            tok.add_special_tokens(missing)
+            tok.add_tokens(missing)
         gen = _read_json(os.path.join(config_dir, "generation_config.json")).get("eos_token_id", [])
         extra = [gen] if isinstance(gen, int) else list(gen)
         return HFTokenizer(tok, name=path, config=config, extra_eos=extra, chat_template=chat_template)

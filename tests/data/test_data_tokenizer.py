@@ -145,12 +145,14 @@ def test_unknown_tokenizer_is_a_clear_error():
         load_tokenizer("no-such-flavour")
 
 
-def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
+def test_tokenizer_json_gets_added_tokens_from_tokenizer_config(tmp_path):
     import json
 
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer
 
+    from engine.data.chat import encode_conversations
     from engine.data.tokenizer import bytes_to_unicode
 
     b2u = bytes_to_unicode()
@@ -159,10 +161,14 @@ def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
     rust.decoder = decoders.ByteLevel()
     rust.save(str(tmp_path / "tokenizer.json"))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    # declared "special": false: "<tool>" stays an ordinary added token, "<pad>" is special all the same
+    # because the config names it (pad_token), as transformers decides
+    declared = [*((t, True) for t in specials), ("<tool>", False), ("<pad>", False)]
     config = {
         "eos_token": "<|im_end|>",
+        "pad_token": "<pad>",
         "added_tokens_decoder": {
-            str(256 + i): {"content": t, "special": True} for i, t in enumerate(specials)
+            str(256 + i): {"content": t, "special": special} for i, (t, special) in enumerate(declared)
         },
     }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -172,6 +178,20 @@ def test_tokenizer_json_gets_special_tokens_from_tokenizer_config(tmp_path):
     assert [tok.token_id(t) for t in specials] == [256, 257, 258]
     assert tok.eos_token_ids[0] == 258 and set(tok.eos_token_ids) == {256, 258}
     assert tok.encode("<|im_end|>") == list(b"<|im_end|>")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.added_tokens == {t.content: (i, t.special) for i, t in hf.added_tokens_decoder.items()}
+    assert tok.added_tokens["<tool>"] == (259, False) and tok.added_tokens["<pad>"] == (260, True)
+    # a non-special added token in a message is a token, as in transformers
+    msgs = [{"role": "user", "content": "call <tool> now"}, {"role": "assistant", "content": "Done."}]
+    ((ids, _),) = encode_conversations(tok, [msgs])
+    want = hf.apply_chat_template(
+        msgs,
+        chat_template=tok.chat_template.source,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
+    )
+    assert ids.tolist() == want and 259 in want
 
 
 @pytest.mark.parametrize("flavour", ["debug-qwen2", "debug-glm4", "debug-llama"])
