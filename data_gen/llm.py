@@ -258,18 +258,19 @@ def fit_max_tokens(error_message: str, max_tokens: int) -> int | None:
 
 
 async def chat_within_context(
-    client: LLMClient, messages: list[dict], *, max_tokens: int | None, **kwargs: Any
+    client: LLMClient, messages: list[dict], *, max_tokens: int | None, label: str, **kwargs: Any
 ) -> tuple[Completion, int | None]:
     """client.chat, asked once more with the max_tokens a context-length 400 leaves room for (when the error
     says how much that is); returns the completion and the max_tokens it was asked with. The second answer
-    may well stop at the context (finish_reason "length"): the caller decides what a cut-off text is worth."""
+    may well stop at the context (finish_reason "length"): the caller decides what a cut-off text is worth.
+    label: the item the request is for, in the log line that says max_tokens was cut."""
     try:
         return await client.chat(messages, max_tokens=max_tokens, **kwargs), max_tokens
     except LLMError as e:
         fitted = fit_max_tokens(str(e), max_tokens) if e.kind == "bad_request" and max_tokens else None
         if fitted is None:
             raise
-    log.warning("max_tokens %d -> %d to fit the context", max_tokens, fitted)
+    log.warning("%s: max_tokens %d -> %d to fit the context", label, max_tokens, fitted)
     return await client.chat(messages, max_tokens=fitted, **kwargs), fitted
 
 

@@ -254,6 +254,7 @@ async def run(
                 comp, _ = await chat_within_context(
                     client,
                     item.messages,
+                    label=f"item {item.id} sample {k}",
                     temperature=cfg.temperature,
                     max_tokens=cfg.max_tokens,
                     top_p=cfg.top_p,

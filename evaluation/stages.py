@@ -102,7 +102,13 @@ async def run_infer_openai(
     async def infer(item: dict) -> dict:
         messages = [{"role": "user", "content": item["prompt"]}]
         c, budget = await chat_within_context(
-            client, messages, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **extra
+            client,
+            messages,
+            max_tokens=max_new_tokens,
+            label=f"idx {item['idx']}",
+            temperature=temperature,
+            top_p=top_p,
+            **extra,
         )
         return {**_pred_row(item, c.text, c.finish_reason, c.completion_tokens), "max_tokens": budget}
 

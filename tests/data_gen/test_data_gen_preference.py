@@ -333,7 +333,7 @@ def test_ties_truncation_and_the_seeded_rejected_draw(tmp_path):
         assert meta["partly"]["samples"][meta["partly"]["rejected"]]["finish_reason"] == "stop"
 
 
-def test_a_context_length_400_is_asked_again_with_the_room_it_leaves(tmp_path):
+def test_a_context_length_400_is_asked_again_with_the_room_it_leaves(tmp_path, caplog):
     inp = write_input(tmp_path / "in.jsonl", [story("ctx")])
     too_long = (
         "This model's maximum context length is 1000 tokens. However, you requested 4100 tokens "
@@ -343,6 +343,8 @@ def test_a_context_length_400_is_asked_again_with_the_room_it_leaves(tmp_path):
     with OpenAIServer(Fake(), fail=fail) as srv:
         stats = generate(srv, tmp_path, inp, num_samples=2, max_tokens=4000)
     assert sorted(b["max_tokens"] for b in policy_requests(srv)) == [900, 900, 4000, 4000]
+    for k in (0, 1):
+        assert f"item ctx sample {k}: max_tokens 4000 -> 900 to fit the context" in caplog.text
     assert stats.done == 1
     (row,) = read_jsonl(tmp_path / "pairs.jsonl")
     check_pair(row, {"ctx": story("ctx")}, seeds_of(srv, "ctx"), num_samples=2)

@@ -27,7 +27,7 @@ class _ContextLimitedClient:
 
 
 @pytest.mark.parametrize("always_reject", [False, True])
-def test_infer_retries_once_with_a_max_tokens_that_fits(tmp_path, always_reject):
+def test_infer_retries_once_with_a_max_tokens_that_fits(tmp_path, always_reject, caplog):
     import asyncio
 
     from data_gen.jsonl import read_appended
@@ -35,11 +35,12 @@ def test_infer_retries_once_with_a_max_tokens_that_fits(tmp_path, always_reject)
 
     client = _ContextLimitedClient(prompt_tokens=100, always_reject=always_reject)
     pred = str(tmp_path / "pred.jsonl")
-    items = [{"idx": 0, "prompt": "Write two words.", "length": 2}]
+    items = [{"idx": 7, "prompt": "Write two words.", "length": 2}]
     stats = asyncio.run(
         run_infer_openai(items, pred, client, concurrency=1, max_new_tokens=32768, temperature=0.5)
     )
     assert client.asked == [32768, 32668]  # one second try, never a third
+    assert "idx 7: max_tokens 32768 -> 32668 to fit the context" in caplog.text
     if always_reject:
         assert stats.done_now == 0 and [f["kind"] for f in stats.failed] == ["bad_request"]
         assert read_appended(pred) == []
